@@ -1,0 +1,121 @@
+"""Top-k log-probs, log-sum-exp and full-vocabulary entropy of logit rows, chunked under a memory budget.
+
+Pure torch, device-agnostic. Ordering is deterministic: log-probs descending, equal log-probs by ascending id,
+including ties at the k-th place (the lowest ids win), so CPU and CUDA runs store the same ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of one fp32 [rows, V] temporary
+
+
+@dataclass
+class TopK:
+    """Per-row teacher statistics: ids/logprobs [n, k] (descending), logsumexp [n] and entropy [n] (nats)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    logsumexp: torch.Tensor
+    entropy: torch.Tensor
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "TopK":
+        return TopK(*(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.logprobs, self.logsumexp, self.entropy)))
+
+
+def rows_per_chunk(vocab_size: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Rows such that one fp32 [rows, vocab] temporary fits the budget (at least one row)."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return max(1, int(memory_budget) // (4 * vocab_size))
+
+
+def _sortable_int64(values: torch.Tensor) -> torch.Tensor:
+    """Map fp32 values to int64 keys with the same order (-0.0 == +0.0)."""
+    bits = (values + 0.0).contiguous().view(torch.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)
+
+
+def _exact_topk(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by (value desc, id asc) via a composite int64 key: exact but slower; used only for tied rows."""
+    vocab = logprobs.shape[-1]
+    key = _sortable_int64(logprobs) << 32
+    key |= (vocab - 1) - torch.arange(vocab, device=logprobs.device, dtype=torch.int64)
+    top = key.topk(k, dim=-1).values
+    ids = (vocab - 1) - (top & 0xFFFFFFFF)
+    return logprobs.gather(-1, ids), ids
+
+
+def _order_ties_by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder each row's k entries to (value desc, id asc); the set is unchanged."""
+    ids, perm = ids.sort(dim=-1)
+    values = values.gather(-1, perm)
+    values, perm = values.sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(-1, perm)
+
+
+def _topk_chunk(logits: torch.Tensor, k: int) -> TopK:
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    if not bool(torch.isfinite(lse).all()):
+        bad = (~torch.isfinite(lse[:, 0])).nonzero()[0, 0].item()
+        raise FloatingPointError(f"row {bad}: logits are NaN/inf or all -inf (log-sum-exp {lse[bad, 0].item()})")
+    logp = x - lse
+    del x
+    p = logp.exp()
+    p.mul_(logp)  # p*log p; 0*(-inf) -> nan for -inf logits, skipped by nansum
+    entropy = -torch.nansum(p, dim=-1)
+    del p
+    vocab = logp.shape[-1]
+    if k < vocab:
+        vals, ids = logp.topk(k + 1, dim=-1)
+        tied = vals[:, k - 1] == vals[:, k]
+        vals, ids = _order_ties_by_id(vals[:, :k], ids[:, :k])
+        if bool(tied.any()):
+            rows = tied.nonzero()[:, 0]
+            vals[rows], ids[rows] = _exact_topk(logp[rows], k)
+    else:
+        vals, ids = _exact_topk(logp, vocab)
+    return TopK(ids.to(torch.int32), vals, lse[:, 0], entropy)
+
+
+def topk_stats(
+    logits: torch.Tensor | Callable[[int, int], torch.Tensor],
+    k: int,
+    *,
+    n_rows: int | None = None,
+    vocab_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> TopK:
+    """Top-k log-probs (full-vocab normalised, T=1), log-sum-exp and entropy of every row.
+
+    `logits` is a [n, V] tensor or a function (start, stop) -> logits of rows start:stop (then pass `n_rows`
+    and `vocab_size`), so callers can produce logits chunk by chunk (e.g. lm_head on hidden states) and no
+    fp32 [rows, V] temporary exceeds `memory_budget` bytes (peak about 3x the budget plus the logits chunk).
+    """
+    if isinstance(logits, torch.Tensor):
+        if logits.ndim != 2:
+            raise ValueError(f"logits must be 2-D [tokens, vocab], got shape {tuple(logits.shape)}")
+        source = logits
+        n_rows, vocab_size = logits.shape
+
+        def produce(a: int, b: int) -> torch.Tensor:
+            return source[a:b]
+
+    else:
+        if n_rows is None or vocab_size is None:
+            raise ValueError("a logits producer needs n_rows and vocab_size")
+        produce = logits
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"top-k must be in [1, vocab size {vocab_size}], got {k}")
+    step = rows_per_chunk(vocab_size, memory_budget)
+    parts = [_topk_chunk(produce(a, min(a + step, n_rows)), k) for a in range(0, n_rows, step)]
+    if not parts:
+        device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+        empty = torch.empty(0, device=device)
+        return TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
+    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))

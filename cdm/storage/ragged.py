@@ -1,0 +1,543 @@
+"""Sharded, resumable, atomic stores of ragged token-level arrays (Zarr v3) plus a per-sequence table (Parquet).
+
+Both the teacher store and the map store are built on this. Layout of a store directory::
+
+    manifest.json                     single source of truth; replaced atomically
+    shards/shard-00003.json           completion entry of shard 3 (the manifest is rebuilt from these)
+    shard-00003/
+        tokens/                       a Zarr v3 group: one array per field, rows concatenated over sequences
+          <field>/...                 [N, *tail] arrays, chunked along rows
+          seq_offsets/...             [S+1] int64, sequence s owns rows seq_offsets[s]:seq_offsets[s+1]
+        sequences.parquet             one row per sequence
+        _writing/                     only while the shard is being written (state.json, tail, row parts)
+
+Commit protocol (crash-safe at any instant): only whole chunks are ever written into the Zarr arrays, each
+exactly once; the rows after the last whole chunk live in an atomically written tail file; ``state.json``
+(atomic) says how many rows/sequences are durable. Resume truncates the arrays back to the state and drops
+files newer than it. A shard is complete once its entry in ``shards/`` exists; then it is immutable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from cdm.storage.fields import FieldSpec
+from cdm.storage.fs import Location
+
+MANIFEST = "manifest.json"
+WRITING = "_writing"
+ZARR_GROUP = "tokens"  # shard-N/tokens/ is a pure Zarr v3 group; the Parquet table sits beside it
+DETAIL_KEYS = ("files", "skipped")  # kept in shards/shard-N.json only, so the manifest stays small
+
+
+class StoreError(Exception):
+    """A store is missing, of another kind or version, inconsistent, or refuses a write."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(loc: Location) -> dict[str, Any] | None:
+    """The store's manifest, or None when the directory holds no store."""
+    if not loc.exists(MANIFEST):
+        return None
+    try:
+        return loc.read_json(MANIFEST)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{loc.path(MANIFEST)}: not valid JSON ({e})") from e
+
+
+def check_manifest(loc: Location, manifest: dict[str, Any] | None, fmt: str, version: int) -> dict[str, Any]:
+    """Refuse a directory that is not a store of format `fmt`, or one written by a newer format version."""
+    if manifest is None:
+        raise StoreError(f"{loc.url}: not a cdm store (no {MANIFEST})")
+    if manifest.get("format") != fmt:
+        raise StoreError(f"{loc.url}: holds a {manifest.get('format')!r} store, expected {fmt!r}")
+    v = manifest.get("version")
+    if not isinstance(v, int) or v > version:
+        raise StoreError(
+            f"{loc.url}: format version {v} is newer than this cdm understands ({version}); upgrade cdm"
+        )
+    return manifest
+
+
+def reconcile_manifest(loc: Location, base: dict[str, Any], max_rounds: int = 20) -> dict[str, Any]:
+    """Rebuild manifest.json from `base` + every shard entry file; repeat until what is on disk agrees.
+
+    Several writers may finish shards concurrently; each one reconciles after its own write, so the last
+    writer's check sees every entry written before it and the manifest converges to all of them.
+    """
+    for _ in range(max_rounds):
+        entries = {}
+        for name in loc.listdir("shards"):
+            if name.endswith(".json") and name.startswith("shard-"):
+                e = loc.read_json("shards", name)
+                entries[int(e["index"])] = e
+        current = read_manifest(loc) or {}
+        if current.get("key") not in (None, base["key"]):
+            raise StoreError(f"{loc.url}: manifest key changed under us ({current.get('key')} != {base['key']})")
+        manifest = dict(base)
+        manifest["created"] = current.get("created", base.get("created", _now()))
+        shards = []
+        for i in range(int(base["num_shards"])):
+            e = entries.get(i, {"index": i, "state": "pending"})
+            shards.append({k: v for k, v in e.items() if k not in DETAIL_KEYS})
+        manifest["shards"] = shards
+        manifest["complete"] = all(s.get("state") == "complete" for s in shards)
+        manifest["totals"] = {
+            "sequences": sum(int(s.get("sequences", 0)) for s in shards),
+            "tokens": sum(int(s.get("tokens", 0)) for s in shards),
+        }
+        if current == manifest:
+            return manifest
+        loc.write_json(manifest, MANIFEST)
+        time.sleep(0.01)
+        if read_manifest(loc) == manifest and _entries_unchanged(loc, entries):
+            return manifest
+    raise StoreError(f"{loc.url}: manifest did not converge after {max_rounds} rounds (concurrent writers?)")
+
+
+def _entries_unchanged(loc: Location, entries: dict[int, Any]) -> bool:
+    names = [n for n in loc.listdir("shards") if n.startswith("shard-") and n.endswith(".json")]
+    return len(names) == len(entries)
+
+
+def shard_digest(loc: Location, shard: str) -> tuple[str, dict[str, int]]:
+    """sha256 over (relative path, file sha256) of every file of a finished shard, and the file sizes."""
+    files = {k: v for k, v in loc.files(shard).items() if not k.startswith(WRITING)}
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(loc.sha256(shard, rel).encode())
+        h.update(b"\n")
+    return h.hexdigest(), files
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _State:
+    gen: int = 0
+    rows_in_zarr: int = 0
+    tail_rows: int = 0
+    n_sequences: int = 0
+    n_tokens: int = 0
+    parts: list[str] | None = None
+    skipped: list[list[Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gen": self.gen,
+            "rows_in_zarr": self.rows_in_zarr,
+            "tail_rows": self.tail_rows,
+            "n_sequences": self.n_sequences,
+            "n_tokens": self.n_tokens,
+            "parts": self.parts or [],
+            "skipped": self.skipped or [],
+        }
+
+
+class RaggedShardWriter:
+    """Writes one shard of a ragged store; resumes after the last commit when reopened.
+
+    `base` is the manifest minus the shard list (format, version, key, num_shards, fields, free sections).
+    Each added sequence is a dict of token-level arrays (all with the same number of rows) plus a row dict
+    for the Parquet table (its columns are given by `row_schema`; ``n_rows`` is added automatically).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | Location,
+        *,
+        base: dict[str, Any],
+        fields: dict[str, FieldSpec],
+        row_schema: pa.Schema,
+        shard_index: int = 0,
+        chunk_rows: int = 16384,
+        commit_rows: int = 65536,
+        count_column: str = "n_rows",
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.count_column = count_column
+        self.loc = url if isinstance(url, Location) else Location(url, storage_options)
+        num_shards = int(base["num_shards"])
+        if not 0 <= shard_index < num_shards:
+            raise StoreError(f"shard index {shard_index} outside 0..{num_shards - 1}")
+        self.base = dict(base)
+        self.base["fields"] = {k: v.to_json() for k, v in fields.items()}
+        self.base["chunk_rows"] = int(chunk_rows)
+        self.fields = fields
+        for extra in (count_column, "done_key"):
+            if extra not in row_schema.names:
+                row_schema = row_schema.append(pa.field(extra, pa.int64()))
+        self.row_schema = row_schema
+        self.shard_index = shard_index
+        self.shard = shard_name(shard_index)
+        self.chunk_rows = int(chunk_rows)
+        self.commit_rows = int(commit_rows)
+        self._buf_arrays: dict[str, list[np.ndarray]] = {k: [] for k in fields}
+        self._buf_rows: list[dict[str, Any]] = []
+        self._buf_skips: list[list[Any]] = []
+        self._buf_n = 0
+        self._tail: dict[str, np.ndarray] = {}
+        self.complete = False
+        self._open()
+
+    # -- set-up and resume
+
+    def _open(self) -> None:
+        existing = read_manifest(self.loc)
+        if existing is not None:
+            check_manifest(self.loc, existing, self.base["format"], self.base["version"])
+            if existing.get("key") != self.base["key"]:
+                raise StoreError(
+                    f"{self.loc.url}: holds a store with key {existing.get('key')}, not {self.base['key']} "
+                    "(another teacher, data or settings); choose another --out or delete it"
+                )
+            for name in ("num_shards", "fields", "chunk_rows"):
+                if existing.get(name) != self.base[name]:
+                    raise StoreError(
+                        f"{self.loc.url}: manifest field {name!r} is {existing.get(name)!r}, this writer needs "
+                        f"{self.base[name]!r}"
+                    )
+            self.base["created"] = existing.get("created", _now())
+        else:
+            self.base["created"] = _now()
+            self.loc.makedirs()
+            reconcile_manifest(self.loc, self.base)
+        self.loc.makedirs("shards")
+        if self.loc.exists("shards", self.shard + ".json"):
+            self.complete = True
+            entry = self.loc.read_json("shards", self.shard + ".json")
+            self.state = _State(n_sequences=entry["sequences"], n_tokens=entry["tokens"], skipped=entry.get("skipped", []))
+            table = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, "sequences.parquet")), columns=["done_key"])
+            self._done = {int(x) for x in table.column("done_key").to_pylist()}
+            self._done.update(int(s[0]) for s in entry.get("skipped", []))
+            reconcile_manifest(self.loc, self.base)
+            return
+        if self.loc.exists(self.shard, WRITING, "state.json"):
+            st = self.loc.read_json(self.shard, WRITING, "state.json")
+            self.state = _State(**st)
+        else:
+            self.state = _State(parts=[], skipped=[])
+        self._arrays = self._open_arrays()
+        for name, arr in self._arrays.items():
+            if arr.shape[0] != self.state.rows_in_zarr:
+                arr.resize((self.state.rows_in_zarr, *arr.shape[1:]))
+        self._tail = self._read_tail()
+        self._drop_orphans()
+        self._done = set()
+        for part in self.state.parts or []:
+            t = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, part)), columns=["done_key"])
+            self._done.update(int(x) for x in t.column("done_key").to_pylist())
+        self._done.update(int(s[0]) for s in self.state.skipped or [])
+
+    def _open_arrays(self) -> dict[str, zarr.Array]:
+        store = self.loc.zarr_store(self.shard, ZARR_GROUP)
+        group = zarr.open_group(store=store, mode="a")
+        arrays = {}
+        for name, spec in self.fields.items():
+            if name in group:
+                arrays[name] = group[name]
+            else:
+                arrays[name] = group.create_array(
+                    name,
+                    shape=(0, *spec.tail),
+                    chunks=(self.chunk_rows, *spec.tail),
+                    dtype=spec.dtype,
+                    compressors=list(spec.compressors),
+                    fill_value=0,
+                )
+        return arrays
+
+    def _read_tail(self) -> dict[str, np.ndarray]:
+        if self.state.tail_rows == 0:
+            return {k: np.zeros((0, *s.tail), dtype=s.dtype) for k, s in self.fields.items()}
+        data = np.load(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, f"tail-{self.state.gen}.npz")))
+        return {k: data[k] for k in self.fields}
+
+    def _drop_orphans(self) -> None:
+        keep = {"state.json", f"tail-{self.state.gen}.npz", *(self.state.parts or [])}
+        for name in self.loc.listdir(self.shard, WRITING):
+            if name not in keep:
+                self.loc.remove(self.shard, WRITING, name)
+
+    # -- writing
+
+    @property
+    def done_keys(self) -> set[int]:
+        """Integer keys (e.g. source row indices) already committed or skipped in this shard."""
+        return set(self._done) | {int(r["done_key"]) for r in self._buf_rows} | {int(s[0]) for s in self._buf_skips}
+
+    def add(self, arrays: dict[str, np.ndarray], row: dict[str, Any], done_key: int) -> None:
+        if self.complete:
+            raise StoreError(f"{self.loc.url}/{self.shard} is complete; it cannot take more sequences")
+        where = f"sequence {row.get('seq_id', done_key)}: "
+        if set(arrays) != set(self.fields):
+            raise StoreError(f"{where}fields {sorted(arrays)} do not match the store's {sorted(self.fields)}")
+        n = None
+        for name, spec in self.fields.items():
+            a = np.asarray(arrays[name])
+            try:
+                spec.check(name, a, where)
+            except ValueError as e:
+                raise StoreError(str(e)) from None
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise StoreError(f"{where}field {name!r} has {a.shape[0]} rows, other fields have {n}")
+        missing = [f.name for f in self.row_schema if f.name not in (self.count_column, "done_key") and f.name not in row]
+        if missing:
+            raise StoreError(f"{where}row lacks columns {missing}")
+        for name in self.fields:
+            self._buf_arrays[name].append(np.ascontiguousarray(arrays[name]))
+        self._buf_rows.append({**row, self.count_column: int(n or 0), "done_key": int(done_key)})
+        self._buf_n += int(n or 0)
+        if self._buf_n >= self.commit_rows:
+            self.commit()
+
+    def skip(self, done_key: int, reason: str) -> None:
+        self._buf_skips.append([int(done_key), str(reason)])
+
+    def commit(self) -> None:
+        """Make everything added so far durable (see the module docstring for the protocol)."""
+        if self.complete or (not self._buf_rows and not self._buf_skips):
+            return
+        st = self.state
+        rows = {
+            k: np.concatenate([self._tail[k], *self._buf_arrays[k]]) if self._buf_arrays[k] else self._tail[k]
+            for k in self.fields
+        }
+        total = next(iter(rows.values())).shape[0] if rows else 0
+        n_full = (total // self.chunk_rows) * self.chunk_rows
+        if n_full:
+            start = st.rows_in_zarr
+            for name, arr in self._arrays.items():
+                arr.resize((start + n_full, *arr.shape[1:]))
+                arr[start : start + n_full] = rows[name][:n_full]
+        gen = st.gen + 1
+        tail = {k: v[n_full:] for k, v in rows.items()}
+        if total - n_full:
+            buf = io.BytesIO()
+            np.savez(buf, **tail)
+            self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, f"tail-{gen}.npz")
+        parts = list(st.parts or [])
+        if self._buf_rows:
+            table = pa.Table.from_pylist(self._buf_rows, schema=self.row_schema)
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            part = f"rows-{gen:06d}.parquet"
+            self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, part)
+            parts.append(part)
+        new = _State(
+            gen=gen,
+            rows_in_zarr=st.rows_in_zarr + n_full,
+            tail_rows=total - n_full,
+            n_sequences=st.n_sequences + len(self._buf_rows),
+            n_tokens=st.n_tokens + sum(r[self.count_column] for r in self._buf_rows),
+            parts=parts,
+            skipped=list(st.skipped or []) + self._buf_skips,
+        )
+        self.loc.write_json(new.to_json(), self.shard, WRITING, "state.json")
+        self._done |= {int(r["done_key"]) for r in self._buf_rows} | {int(s[0]) for s in self._buf_skips}
+        old_tail = f"tail-{st.gen}.npz"
+        self.state, self._tail = new, tail
+        self._buf_arrays = {k: [] for k in self.fields}
+        self._buf_rows, self._buf_skips, self._buf_n = [], [], 0
+        if self.loc.exists(self.shard, WRITING, old_tail):
+            self.loc.remove(self.shard, WRITING, old_tail)
+
+    def close(self, extra_entry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the shard: flush the tail, write seq_offsets and sequences.parquet, digest, publish."""
+        if self.complete:
+            return reconcile_manifest(self.loc, self.base)
+        self.commit()
+        st = self.state
+        if st.tail_rows:
+            for name, arr in self._arrays.items():
+                arr.resize((st.rows_in_zarr + st.tail_rows, *arr.shape[1:]))
+                arr[st.rows_in_zarr :] = self._tail[name]
+        tables = [pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, p))) for p in st.parts or []]
+        table = pa.concat_tables(tables) if tables else self.row_schema.empty_table()
+        offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
+        np.cumsum(np.asarray(table.column(self.count_column).to_numpy(zero_copy_only=False), dtype=np.int64), out=offsets[1:])
+        if offsets[-1] != st.rows_in_zarr + st.tail_rows:
+            raise StoreError(
+                f"{self.loc.url}/{self.shard}: row table counts {offsets[-1]} rows but the arrays hold "
+                f"{st.rows_in_zarr + st.tail_rows}; the shard is inconsistent, delete it and rerun"
+            )
+        group = zarr.open_group(store=self.loc.zarr_store(self.shard, ZARR_GROUP), mode="a")
+        if "seq_offsets" in group:
+            del group["seq_offsets"]
+        group.create_array(
+            "seq_offsets", data=offsets, chunks=(max(1, min(len(offsets), 1 << 20)),), compressors=[zarr.codecs.ZstdCodec(level=3)]
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.loc.write_bytes(buf.getvalue(), self.shard, "sequences.parquet")
+        digest, files = shard_digest(self.loc, self.shard)
+        skipped: dict[str, int] = {}
+        for _, reason in st.skipped or []:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        entry = {
+            "index": self.shard_index,
+            "path": self.shard,
+            "state": "complete",
+            "sequences": int(table.num_rows),
+            "tokens": int(offsets[-1]),
+            "bytes": int(sum(files.values())),
+            "digest": digest,
+            "files": files,
+            "skipped": st.skipped or [],
+            "skipped_by_reason": skipped,
+            "finished": _now(),
+            **(extra_entry or {}),
+        }
+        self.loc.write_json(entry, "shards", self.shard + ".json")
+        manifest = reconcile_manifest(self.loc, self.base)
+        self.loc.remove(self.shard, WRITING, recursive=True)
+        self.complete = True
+        return manifest
+
+    def stats(self) -> dict[str, Any]:
+        return {"sequences": self.state.n_sequences, "tokens": self.state.n_tokens, "skipped": len(self.state.skipped or [])}
+
+
+# ----------------------------------------------------------------------------------------------- reader
+
+
+class RaggedStoreReader:
+    """Random access to the complete shards of a ragged store; reopens its handles in forked workers."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | Location,
+        *,
+        fmt: str,
+        version: int,
+        check: str = "sizes",
+        allow_incomplete: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.loc = url if isinstance(url, Location) else Location(url, storage_options)
+        self.manifest = check_manifest(self.loc, read_manifest(self.loc), fmt, version)
+        if not self.manifest.get("complete") and not allow_incomplete:
+            done = sum(s.get("state") == "complete" for s in self.manifest["shards"])
+            raise StoreError(
+                f"{self.loc.url}: store is incomplete ({done}/{len(self.manifest['shards'])} shards complete); "
+                "finish the writers or pass allow_incomplete"
+            )
+        self.shards = [s for s in self.manifest["shards"] if s.get("state") == "complete"]
+        self.field_names = list(self.manifest["fields"])
+        if check in ("sizes", "digest"):
+            for s in self.shards:
+                self._check_shard(s, deep=(check == "digest"))
+        counts = np.array([int(s["sequences"]) for s in self.shards], dtype=np.int64)
+        self._shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        self._pid = -1
+        self._handles: dict[int, dict[str, zarr.Array]] = {}
+        self._offsets: dict[int, np.ndarray] = {}
+        self._tables: dict[int, pa.Table] = {}
+
+    def _check_shard(self, entry: dict[str, Any], deep: bool) -> None:
+        name = entry["path"]
+        if deep:
+            digest, files = shard_digest(self.loc, name)
+        else:
+            files = {k: v for k, v in self.loc.files(name).items() if not k.startswith(WRITING)}
+            digest = entry["digest"]
+        detail = self.loc.read_json("shards", name + ".json")
+        expected = detail.get("files", {})
+        if files != expected:
+            missing = sorted(set(expected) - set(files))
+            extra = sorted(set(files) - set(expected))
+            changed = sorted(k for k in set(files) & set(expected) if files[k] != expected[k])
+            raise StoreError(
+                f"{self.loc.path(name)}: shard files differ from the manifest "
+                f"(missing {missing[:5]}, unexpected {extra[:5]}, size changed {changed[:5]}); the shard is corrupt"
+            )
+        if digest != entry["digest"]:
+            raise StoreError(f"{self.loc.path(name)}: shard digest {digest[:16]}… != manifest {entry['digest'][:16]}…; the shard is corrupt")
+
+    def __len__(self) -> int:
+        return int(self._shard_starts[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global sequence index -> (shard position in self.shards, local index)."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sequence {i} out of range (store has {len(self)})")
+        s = int(np.searchsorted(self._shard_starts, i, side="right") - 1)
+        return s, i - int(self._shard_starts[s])
+
+    def _arrays(self, s: int) -> dict[str, zarr.Array]:
+        if self._pid != os.getpid():  # fresh handles after fork (DataLoader workers)
+            self._handles, self._pid = {}, os.getpid()
+        if s not in self._handles:
+            group = zarr.open_group(store=self.loc.zarr_store(self.shards[s]["path"], ZARR_GROUP, read_only=True), mode="r")
+            self._handles[s] = {name: group[name] for name in [*self.field_names, "seq_offsets"]}
+        return self._handles[s]
+
+    def offsets(self, s: int) -> np.ndarray:
+        if s not in self._offsets:
+            self._offsets[s] = np.asarray(self._arrays(s)["seq_offsets"][:])
+        return self._offsets[s]
+
+    def table(self, s: int) -> pa.Table:
+        if s not in self._tables:
+            data = self.loc.read_bytes(self.shards[s]["path"], "sequences.parquet")
+            self._tables[s] = pq.read_table(io.BytesIO(data))
+        return self._tables[s]
+
+    def row(self, i: int) -> dict[str, Any]:
+        s, j = self.locate(i)
+        return {k: v[0] for k, v in self.table(s).slice(j, 1).to_pydict().items()}
+
+    def arrays(self, i: int, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        s, j = self.locate(i)
+        off = self.offsets(s)
+        a, b = int(off[j]), int(off[j + 1])
+        handles = self._arrays(s)
+        return {n: np.asarray(handles[n][a:b]) for n in (names or self.field_names)}
+
+    def field_rows(self, s: int, name: str, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._arrays(s)[name][start:stop])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_handles"], d["_pid"] = {}, -1
+        return d
+
+
+def bytes_on_disk(manifest: dict[str, Any]) -> int:
+    return int(sum(int(s.get("bytes", 0)) for s in manifest.get("shards", [])))
+
+
+def safe_ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan

@@ -1,0 +1,261 @@
+"""Teacher store: round trips, resume after SIGKILL, corruption, refusals, concurrency, DataLoader, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdm.storage import StoreError, TeacherStore, TeacherStoreWriter
+from cdm.storage.verify import store_info, verify_store
+from tests.storage_helpers import assert_sequences_equal, manifest_sections, random_sequence, write_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 25), shards=st.integers(1, 3), chunk=st.sampled_from([8, 64, 4096]))
+def test_round_trip_random_ragged(tmp_path_factory, seed, n, shards, chunk):
+    url = str(tmp_path_factory.mktemp("store") / "s")
+    rng = np.random.default_rng(seed)
+    seqs = [random_sequence(rng, i) for i in range(n)]
+    write_store(url, seqs, num_shards=shards, chunk_rows=chunk, commit_tokens=int(rng.integers(1, 200)))
+    store = TeacherStore(url, check="digest")
+    assert len(store) == n and store.is_complete
+    got = {s.source_index: s for s in store}
+    assert sorted(got) == list(range(n))
+    for s in seqs:
+        assert_sequences_equal(s, got[s.source_index])
+    assert store.n_tokens == sum(s.n_tokens for s in seqs)
+    assert verify_store(url).ok
+
+
+def test_layout_is_plain_zarr_and_parquet(tmp_path):
+    """A user can read the store with zarr and pyarrow directly (README documents this layout)."""
+    rng = np.random.default_rng(0)
+    seqs = [random_sequence(rng, i) for i in range(5)]
+    url = str(tmp_path / "s")
+    write_store(url, seqs)
+    g = zarr.open_group(str(tmp_path / "s" / "shard-00000" / "tokens"), mode="r")
+    off = g["seq_offsets"][:]
+    assert off[-1] == sum(s.n_tokens for s in seqs)
+    np.testing.assert_array_equal(g["token_ids"][off[2]:off[3]], seqs[2].token_ids)
+    t = pq.read_table(tmp_path / "s" / "shard-00000" / "sequences.parquet")
+    assert t.column("text").to_pylist() == [s.text for s in seqs]
+    assert t.column("n_tokens").to_pylist() == [s.n_tokens for s in seqs]
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["format"] == "cdm-teacher-store" and m["version"] == 1 and m["complete"]
+    assert m["k"] == 8 and m["teacher"] == {"name": "random"}
+
+
+def _arrays_of(url: str) -> dict:
+    g = zarr.open_group(os.path.join(url, "shard-00000", "tokens"), mode="r")
+    out = {name: g[name][:] for name in g.array_keys()}
+    out["parquet"] = pq.read_table(os.path.join(url, "shard-00000", "sequences.parquet")).to_pydict()
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 1, 3, 7, 12])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kill_after):
+    n = 30
+    ref = str(tmp_path / "ref")
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_writer", ref, str(n)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    url = str(tmp_path / "killed")
+    p = subprocess.Popen([sys.executable, "-m", "tests.kill_writer", url, str(n)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    added = 0
+    while added < kill_after:
+        line = p.stdout.readline()
+        if not line:
+            break
+        added += line.startswith("added")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stdout.close()
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_writer", url, str(n)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    a, b = _arrays_of(ref), _arrays_of(url)
+    assert set(a) == set(b)
+    for k in a:
+        if k == "parquet":
+            assert a[k] == b[k]
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert verify_store(url).ok
+
+
+def test_resume_in_process_no_duplicates(tmp_path):
+    rng = np.random.default_rng(1)
+    seqs = [random_sequence(rng, i) for i in range(10)]
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16)
+    for s in seqs[:6]:
+        w.add(s)
+    w.commit()
+    w.add(seqs[6])  # added but never committed: lost on "crash", redone on resume
+    del w
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16)
+    assert w.done_source_indices == set(range(6))
+    for s in seqs:
+        if s.source_index not in w.done_source_indices:
+            w.add(s)
+    w.skip(99, "empty text")
+    w.close()
+    store = TeacherStore(url)
+    assert [s.source_index for s in store] == list(range(10))
+    assert store_info(url)["skipped"] == {"empty text": 1}
+    # a finished store reopened is complete and knows its skips
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16)
+    assert w.complete and w.done_source_indices == set(range(10)) | {99}
+
+
+def test_refuses_mismatched_shapes_before_writing(tmp_path):
+    rng = np.random.default_rng(2)
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=4, vocab_size=1000)
+    s = random_sequence(rng, 0, k=8)
+    with pytest.raises(StoreError, match=r"s000000.*\(k=4\)"):
+        w.add(s)
+    s = random_sequence(rng, 1, k=4)
+    s.topk_ids = s.topk_ids.copy()
+    s.topk_ids[0, 0] = 5000
+    with pytest.raises(StoreError, match="outside"):
+        w.add(s)
+    s = random_sequence(rng, 2, k=4)
+    s.char_spans = s.char_spans + 1000
+    with pytest.raises(StoreError, match="char_spans"):
+        w.add(s)
+    w.close()
+    assert len(TeacherStore(url)) == 0
+    # reopening with another k or key is refused, and nothing is touched
+    before = (tmp_path / "s" / "manifest.json").read_text()
+    with pytest.raises(StoreError, match="key"):
+        TeacherStoreWriter(url, key="other", manifest=manifest_sections(), k=4, vocab_size=1000)
+    with pytest.raises(StoreError, match="fields|k"):
+        TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000)
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+
+
+def test_not_a_store_and_newer_version(tmp_path):
+    with pytest.raises(StoreError, match="not a cdm store"):
+        TeacherStore(str(tmp_path))
+    url = str(tmp_path / "s")
+    write_store(url, [random_sequence(np.random.default_rng(3), 0)])
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m["version"] = 99
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="newer"):
+        TeacherStore(url)
+    m["version"], m["format"] = 1, "something-else"
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="something-else"):
+        TeacherStore(url)
+
+
+def test_corruption_is_detected(tmp_path):
+    url = str(tmp_path / "s")
+    write_store(url, [random_sequence(np.random.default_rng(4), i, n=30) for i in range(4)], chunk_rows=16)
+    chunk = next(p for p in sorted((tmp_path / "s" / "shard-00000" / "tokens" / "topk_values").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))  # same size: only the digest can tell
+    report = verify_store(url)
+    assert not report.ok and "digest" in report.problems[0] and "shard-00000" in report.problems[0]
+    with pytest.raises(StoreError, match="digest"):
+        TeacherStore(url, check="digest")
+    chunk.write_bytes(bytes(data[:-3]))  # truncated: even the cheap open-time check sees it
+    with pytest.raises(StoreError, match="size changed"):
+        TeacherStore(url)
+    r = subprocess.run([sys.executable, "-m", "cdm.cli", "verify", url], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "shard-00000" in r.stderr
+
+
+def test_verify_names_sequence_and_field(tmp_path):
+    """A store whose values break an invariant (written around the writer's checks) is caught by verify."""
+    url = str(tmp_path / "s")
+    seqs = [random_sequence(np.random.default_rng(5), i) for i in range(3)]
+    seqs[1].entropy = seqs[1].entropy + 100.0
+    write_store(url, seqs)
+    report = verify_store(url)
+    assert not report.ok
+    assert any("sequence 1" in p and "entropy" in p for p in report.problems)
+
+
+def _write_shard(url: str, shard: int, n: int) -> None:
+    rng = np.random.default_rng(7)
+    seqs = [random_sequence(rng, i) for i in range(n)]
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, num_shards=2, shard_index=shard, chunk_rows=32)
+    for s in seqs:
+        if s.source_index % 2 == shard:
+            w.add(s)
+    w.close()
+
+
+def test_two_concurrent_writers_make_one_valid_store(tmp_path):
+    url = str(tmp_path / "s")
+    code = "import sys; from tests.test_storage import _write_shard; _write_shard(sys.argv[1], int(sys.argv[2]), 40)"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(i)], cwd=ROOT) for i in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    store = TeacherStore(url, check="digest")
+    assert store.is_complete and len(store) == 40
+    assert sorted(s.source_index for s in store) == list(range(40))
+    info = store_info(url)
+    assert info["shards_complete"] == 2 and info["bytes_per_token"] > 0
+
+
+def test_incomplete_store_refused_unless_allowed(tmp_path):
+    url = str(tmp_path / "s")
+    rng = np.random.default_rng(8)
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, num_shards=2, shard_index=0)
+    w.add(random_sequence(rng, 0))
+    w.close()
+    with pytest.raises(StoreError, match="1/2 shards"):
+        TeacherStore(url)
+    assert len(TeacherStore(url, allow_incomplete=True)) == 1
+
+
+class _TorchView:
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, i):
+        s = self.store[i]
+        return int(s.source_index), int(s.token_ids.sum()), float(s.topk_logprobs.sum())
+
+
+def test_reader_in_dataloader_workers(tmp_path):
+    torch = pytest.importorskip("torch")
+    url = str(tmp_path / "s")
+    seqs = [random_sequence(np.random.default_rng(9), i) for i in range(12)]
+    write_store(url, seqs)
+    store = TeacherStore(url)
+    _ = store[0]  # handles opened in the parent must not leak into the workers
+    dl = torch.utils.data.DataLoader(_TorchView(store), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    got = sorted(dl, key=lambda x: x[0])
+    want = [(s.source_index, int(s.token_ids.sum()), float(TeacherStore(url)[s.source_index].topk_logprobs.sum())) for s in seqs]
+    assert [(a, b) for a, b, _ in got] == [(a, b) for a, b, _ in want]
+    np.testing.assert_allclose([c for *_, c in got], [c for *_, c in want])
+
+
+def test_memory_fsspec_store():
+    url = "memory://cdm-test/store1"
+    seqs = [random_sequence(np.random.default_rng(10), i) for i in range(6)]
+    write_store(url, seqs, num_shards=2, chunk_rows=16)
+    store = TeacherStore(url, check="digest")
+    for s in seqs:
+        assert_sequences_equal(s, store[[x.source_index for x in store].index(s.source_index)])
+    assert verify_store(url).ok

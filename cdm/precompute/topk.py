@@ -119,3 +119,16 @@ def topk_stats(
         empty = torch.empty(0, device=device)
         return TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
     return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
+
+
+def entropy_lower_bound(logprobs: torch.Tensor) -> torch.Tensor:
+    """Full-vocab entropy estimate from normalised top-k log-probs alone (backends that give no entropy).
+
+    H >= -sum_K p log p - r log p_K with r = 1 - sum_K p (the tail mass spread over tokens as likely as the
+    k-th): the smallest entropy consistent with the top-k; exact when r = 0. See cdm-method notes §7.
+    """
+    lp = logprobs.double()
+    p = lp.exp()
+    head = -torch.nansum(p * lp, dim=-1)
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    return (head - tail * lp[..., -1]).to(torch.float32)

@@ -29,6 +29,7 @@ from cdm.storage.ragged import (
 from cdm.storage.topk_codec import get_codec
 
 FORMAT = "cdm-teacher-store"
+TOKENIZER_FILE = "tokenizer.json"  # the teacher's tokenizer, so build-map needs no teacher model
 VERSION = 1
 
 ROW_SCHEMA = pa.schema(
@@ -116,7 +117,10 @@ class TeacherStoreWriter:
         commit_tokens: int = 65536,
         chunk_rows: int = 16384,
         storage_options: dict[str, Any] | None = None,
+        tokenizer_json: str | None = None,
     ):
+        """`tokenizer_json`: the teacher tokenizer's JSON, kept at the store root as ``tokenizer.json`` so that
+        `build-map` can canonicalise the teacher vocabulary without the teacher model."""
         self.k = int(k)
         self.vocab_size = int(vocab_size)
         self.codec = get_codec(codec)
@@ -147,6 +151,8 @@ class TeacherStoreWriter:
         )
         self._truncated = 0
         self._skips: dict[str, int] = {}
+        if tokenizer_json is not None and not self._w.loc.exists(TOKENIZER_FILE):
+            self._w.loc.write_bytes(tokenizer_json.encode("utf-8"), TOKENIZER_FILE)
 
     @property
     def url(self) -> str:
@@ -336,3 +342,8 @@ class TeacherStore:
     @property
     def reader(self) -> RaggedStoreReader:
         return self._r
+
+    def tokenizer_json(self) -> str | None:
+        """The teacher tokenizer's JSON saved with the store, or None for stores written without it."""
+        loc = self._r.loc
+        return loc.read_bytes(TOKENIZER_FILE).decode("utf-8") if loc.exists(TOKENIZER_FILE) else None

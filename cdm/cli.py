@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -51,6 +51,64 @@ def verify_command(
         typer.echo(f"FAILED: {len(report.problems)} problem(s)", err=True)
         raise typer.Exit(1)
     typer.echo(f"OK: {report.shards_checked} shard(s), {report.sequences_checked} sequence(s) verified")
+
+
+@app.command("build-map")
+def build_map_command(
+    store: Annotated[str, typer.Option("--store", help="Teacher store (path or fsspec URL).")],
+    student_tokenizer: Annotated[str, typer.Option("--student-tokenizer", help="Student tokenizer: HF folder, tokenizer.json or .gguf.")],
+    out: Annotated[str, typer.Option("--out", help="Map store to write (path or fsspec URL).")],
+    align: Annotated[str, typer.Option("--align", help="offsets (exact, default) | dtw (CDM entropy-weighted DTW) | mined.")] = "offsets",
+    theta: Annotated[float, typer.Option("--theta", help="Fuzzy neighbour threshold on normalised edit distance.")] = 0.3,
+    space_insensitive: Annotated[bool, typer.Option("--space-insensitive", help="Exact map ignores the leading-space flag (the paper's rule).")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes (default: all cores).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Cache for per-tokenizer-pair vocabulary maps.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Align a teacher store to a student tokenizer and write a map store (+ report.json)."""
+    from cdm.mapping.build import build_map, format_report
+    from cdm.storage.ragged import StoreError
+
+    try:
+        res = build_map(store, student_tokenizer, out, align=align, theta=theta, space_insensitive=space_insensitive,
+                        workers=workers, cache_dir=cache_dir, progress=progress, log=lambda m: typer.echo(m, err=True))
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_report(res.report))
+    typer.echo(f"map store: {res.url}" + ("" if res.computed else " (already complete)"))
+
+
+@app.command("inspect")
+def inspect_command(
+    map_store: Annotated[str, typer.Argument(help="Map store (path or fsspec URL).")],
+    seq: Annotated[int, typer.Option("--seq", help="Sequence index.")] = 0,
+    store: Annotated[Optional[str], typer.Option("--store", help="Teacher store, if it moved since build-map.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Teacher candidates shown per row.")] = 3,
+    max_rows: Annotated[int, typer.Option("--max-rows")] = 80,
+    all_positions: Annotated[bool, typer.Option("--all", help="Show prompt positions too.")] = False,
+) -> None:
+    """Print a side-by-side alignment of one sequence: text spans, tokens, top teacher candidates and their mapping."""
+    from cdm.mapping.inspect import inspect_sequence
+    from cdm.storage.ragged import StoreError
+
+    try:
+        typer.echo(inspect_sequence(map_store, seq, store_url=store, top=top, max_rows=max_rows, only_response=not all_positions))
+    except (StoreError, IndexError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _register_stage_commands() -> None:
+    from cdm.precompute.command import ls_command, precompute_command
+    from cdm.train.command import train_command
+
+    app.command("precompute")(precompute_command)
+    app.command("ls")(ls_command)
+    app.command("train")(train_command)
+
+
+_register_stage_commands()
 
 
 def main() -> None:

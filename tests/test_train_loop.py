@@ -192,9 +192,9 @@ def test_dual_bf16_run_reports_every_part_and_loads_with_transformers(stores, tm
 
 
 def test_training_lowers_heldout_ce(stores, tmp_path):
-    res = run(_cfg(stores, tmp_path, max_steps=25, lr=1e-2, save_every=0, eval_every=25, eval_sequences=3, warmup_steps=3))
+    res = run(_cfg(stores, tmp_path, max_steps=10, lr=2e-2, save_every=0, eval_every=10, eval_sequences=3, warmup_steps=2))
     evals = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"eval"' in x]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 25
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 10
     assert evals[-1]["ce"] < evals[0]["ce"] - 0.3
     assert evals[-1]["bpb"] < evals[0]["bpb"]
     assert res.eval == {k: evals[-1][k] for k in ("ce", "bpb", "tokens", "bytes")}

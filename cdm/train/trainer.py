@@ -455,7 +455,16 @@ def _say(d: Dist, msg: str) -> None:
 def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Train the student on the stores as `cfg` says; returns where the final model is. `on_step(step, model)`
     is called before each optimiser step (tests use it to inject faults)."""
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     d = setup_dist(cfg.device)
+    try:
+        return _run(cfg, d, on_step)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], None] | None) -> TrainResult:
     autocast = _autocast(cfg.dtype, d.device)
     if cfg.grad_accum < 1:
         raise ConfigError(f"--grad-accum must be >= 1; got {cfg.grad_accum}")

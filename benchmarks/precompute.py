@@ -1,0 +1,355 @@
+"""Benchmark `cdm precompute` (hf backend): pipeline tokens/s vs a bare forward of the same model on the same
+batches in the same run, store bytes/token, and on CUDA bf16 throughput + top-k agreement with fp32.
+
+    python benchmarks/precompute.py                      # CPU part (+ CUDA part when a GPU is present)
+    python benchmarks/precompute.py --part cuda --json out.json --md out.md
+    python benchmarks/precompute.py --real-teacher DIR   # + end-to-end run() with a real teacher folder
+
+Self-contained: random-weight models built from configs, tokenizer trained on stdlib text, no downloads.
+The store part needs zarr (skipped with a note when missing). Overhead = pipeline time / bare time - 1;
+the target is <= 15%. Bytes/token from random-weight teachers understate compression of real teachers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cdm.precompute.hf_backend import HFBackend  # noqa: E402
+from cdm.precompute.topk import topk_stats  # noqa: E402
+
+ARCHS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M's architecture (environment.md §5)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    # a ~1.2B Llama (Llama-3.2-1B shape)
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                     max_position_embeddings=8192, tie_word_embeddings=True),
+    # small enough for a 2-core CPU, realistic vocabulary width
+    "cpu-small": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+                      tie_word_embeddings=False),
+}
+
+
+def build_model(arch: str, device: str, dtype: torch.dtype, vocab_size: int | None = None, sharpen: float = 4.0):
+    """Random-weight Llama of `arch` on `device`; the output head is scaled so distributions are not flat."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(ARCHS[arch])
+    if vocab_size:
+        kw["vocab_size"] = vocab_size
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpen)
+    return model.to(dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def have_zarr() -> bool:
+    try:
+        import zarr  # noqa: F401
+
+        from cdm.storage import TeacherStoreWriter  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def time_bare(model, backend: HFBackend, seqs, batches, device: str) -> float:
+    """A plain forward returning full logits, on exactly the pipeline's padded batches."""
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            ids, mask = backend._pad([seqs[i] for i in b])
+            model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    sync(device)
+    return time.perf_counter() - t
+
+
+def time_pipeline(backend: HFBackend, seqs, batches, device: str, store_dir: str | None, k: int):
+    """Forward + top-k/lse/entropy + copy to host (+ store writes on a background thread when store_dir)."""
+    writer = sink = None
+    if store_dir:
+        from cdm.precompute.run import _Sink
+        from cdm.storage import TeacherSequence, TeacherStoreWriter
+
+        writer = TeacherStoreWriter(store_dir, key="bench", manifest={}, k=k, vocab_size=backend.vocab_size)
+
+        def write(item):
+            for i, r in zip(*item):
+                n = len(seqs[i])
+                spans = np.stack([np.arange(n), np.arange(n) + 1], 1).astype(np.int32)
+                writer.add(TeacherSequence(seq_id=str(i), text="x" * n, response_spans=np.array([[0, n]], np.int32),
+                                           source_index=i, truncated=False, token_ids=seqs[i], char_spans=spans,
+                                           topk_ids=r.ids.numpy(), topk_logprobs=r.logprobs.numpy(),
+                                           logsumexp=r.logsumexp.numpy(), entropy=r.entropy.numpy()))
+
+        sink = _Sink(write)
+    sync(device)
+    t = time.perf_counter()
+    for b in batches:
+        res = backend.forward([seqs[i] for i in b])
+        if sink:
+            sink.put((b, res))
+    if sink:
+        sink.close()
+        manifest = writer.close()
+    sync(device)
+    wall = time.perf_counter() - t
+    nbytes = None
+    if store_dir:
+        nbytes = sum(int(s.get("bytes", 0)) for s in manifest["shards"])
+    return wall, nbytes
+
+
+def random_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(lo, hi + 1, size=n)]
+
+
+def compare_pipeline(model, seqs, *, device: str, k: int, batch_tokens: int, budget_mb: int, store: bool,
+                     repeats: int = 2) -> dict[str, Any]:
+    backend = HFBackend(model, k=k, batch_tokens=batch_tokens, memory_budget=budget_mb * 2**20)
+    batches = backend.batches([len(s) for s in seqs])
+    tokens = sum(len(s) for s in seqs)
+    backend.forward([seqs[i] for i in batches[0]])  # warm-up (kernels, allocator)
+    time_bare(model, backend, seqs, batches[:1], device)
+    out: dict[str, Any] = {"tokens": tokens, "batches": len(batches), "k": k, "batch_tokens": batch_tokens,
+                           "memory_budget_mb": budget_mb, "chunked_head": backend.chunked_head}
+    bare, pipe, pipe_store, nbytes = [], [], [], None
+    for _ in range(repeats):
+        peak_reset(device)
+        bare.append(time_bare(model, backend, seqs, batches, device))
+        out["bare_peak_gib"] = peak_gib(device)
+        peak_reset(device)
+        pipe.append(time_pipeline(backend, seqs, batches, device, None, k)[0])
+        out["pipeline_peak_gib"] = peak_gib(device)
+        if store:
+            with tempfile.TemporaryDirectory() as d:
+                w, nbytes = time_pipeline(backend, seqs, batches, device, os.path.join(d, "s"), k)
+                pipe_store.append(w)
+    out["bare_tok_s"] = tokens / min(bare)
+    out["pipeline_tok_s"] = tokens / min(pipe)
+    out["overhead_pct"] = 100 * (min(pipe) / min(bare) - 1)
+    if pipe_store:
+        out["pipeline_store_tok_s"] = tokens / min(pipe_store)
+        out["overhead_store_pct"] = 100 * (min(pipe_store) / min(bare) - 1)
+        out["bytes_per_token"] = nbytes / tokens
+    return out
+
+
+def reference_topk(logits: torch.Tensor, k: int):
+    """float64 log-softmax; top-k by (value desc, id asc) via a full stable sort."""
+    lp = torch.log_softmax(logits.double(), -1)
+    order = torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :k]
+    return order, lp.gather(-1, order)
+
+
+@torch.inference_mode()
+def bf16_vs_fp32(model_bf16, seqs, k: int, device: str) -> dict[str, Any]:
+    """The same weights in fp32 vs bf16: top-1 agreement, recall of the fp32 top-k, |Δ log-prob|; and the top-k
+    extractor on the bf16 logits against a float64 reference (exact ids, value error)."""
+    model32 = copy.deepcopy(model_bf16).float()
+    a = HFBackend(model_bf16, k=k).run(seqs)
+    b = HFBackend(model32, k=k).run(seqs)
+    del model32
+    ia, ib = torch.cat([x.ids for x in a]).long(), torch.cat([x.ids for x in b]).long()
+    la, lb = torch.cat([x.logprobs for x in a]), torch.cat([x.logprobs for x in b])
+    recall = np.mean([len(set(p.tolist()) & set(q.tolist())) / k for p, q in zip(ia[:2000], ib[:2000])])
+    top10 = (la[:, :10] - lb[:, :10]).abs()
+    ent = (torch.cat([x.entropy for x in a]) - torch.cat([x.entropy for x in b])).abs()
+    # extractor exactness on the bf16 model's own logits
+    ids = torch.as_tensor(np.asarray(seqs[0], dtype=np.int64), device=device)[None]
+    logits = model_bf16(input_ids=ids).logits[0]
+    mine = topk_stats(logits, k)
+    ref_ids, ref_vals = reference_topk(logits, k)
+    return {"positions": int(ia.shape[0]), "top1_agree": float((ia[:, 0] == ib[:, 0]).float().mean()),
+            "topk_recall": float(recall), "top10_abs_dlogprob_mean": float(top10.mean()),
+            "top10_abs_dlogprob_p99": float(top10.flatten().quantile(0.99)), "entropy_abs_diff_mean": float(ent.mean()),
+            "extractor_ids_exact": bool(torch.equal(mine.ids.long(), ref_ids)),
+            "extractor_max_abs_err": float((mine.logprobs.double() - ref_vals).abs().max())}
+
+
+def cuda_part(args) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        print("CUDA part skipped: no CUDA device on this machine", flush=True)
+        return {"skipped": "no CUDA device"}
+    dev = "cuda"
+    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    store = have_zarr()
+    if not store:
+        print("store writes skipped: zarr not installed", flush=True)
+    for arch in args.archs:
+        t = time.perf_counter()
+        model = build_model(arch, dev, torch.bfloat16)
+        lengths = random_lengths(args.cuda_seqs, args.cuda_min_len, args.cuda_max_len, seed=1)
+        rng = np.random.default_rng(2)
+        seqs = [rng.integers(0, ARCHS[arch]["vocab_size"], size=n).astype(np.int32) for n in lengths]
+        entry: dict[str, Any] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                                 "build_s": time.perf_counter() - t}
+        for budget in args.budgets_mb:
+            r = compare_pipeline(model, seqs, device=dev, k=args.k, batch_tokens=args.cuda_batch_tokens,
+                                 budget_mb=budget, store=store, repeats=args.repeats)
+            entry[f"budget_{budget}mb"] = r
+            print(f"[cuda {arch} budget {budget} MiB] {json.dumps(r)}", flush=True)
+        entry["bf16_vs_fp32"] = bf16_vs_fp32(model, seqs[: args.check_seqs], args.k, dev)
+        print(f"[cuda {arch} bf16 vs fp32] {json.dumps(entry['bf16_vs_fp32'])}", flush=True)
+        res[arch] = entry
+        del model
+        torch.cuda.empty_cache()
+    return res
+
+
+def cpu_part(args) -> dict[str, Any]:
+    from tests.test_precompute_support import pydoc_texts, train_tokenizer  # in-repo fixture builders
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    tok = train_tokenizer(vocab_size=32000)
+    texts = [t[:1200] for t in pydoc_texts()[: args.cpu_texts]]
+    seqs = [np.asarray(tok(t)["input_ids"], dtype=np.int32) for t in texts]
+    model = build_model("cpu-small", "cpu", torch.float32, vocab_size=len(tok))
+    res: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                           "vocab": len(tok), "model": "cpu-small"}
+    res["pipeline"] = compare_pipeline(model, seqs, device="cpu", k=args.k, batch_tokens=args.cpu_batch_tokens,
+                                       budget_mb=256, store=have_zarr(), repeats=args.repeats)
+    print(f"[cpu cpu-small] {json.dumps(res['pipeline'])}", flush=True)
+    if args.real_teacher and have_zarr():
+        res["real_teacher"] = end_to_end(args.real_teacher, texts, args.k)
+        print(f"[cpu real teacher] {json.dumps(res['real_teacher'])}", flush=True)
+    return res
+
+
+def end_to_end(teacher: str, texts: list[str], k: int) -> dict[str, Any]:
+    """`cdm.precompute.run` on real text with a real teacher folder: tokens/s (incl. loading) and bytes/token."""
+    from cdm.precompute import run
+
+    with tempfile.TemporaryDirectory() as d:
+        data = os.path.join(d, "d.jsonl")
+        with open(data, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        t0 = time.perf_counter()
+        r = run(teacher, data, os.path.join(d, "s"), top_k=k, text_field="text", max_length=512, dtype="float32",
+                progress=False, echo=lambda s: None)
+        wall = time.perf_counter() - t0
+        from cdm.storage import TeacherStore
+
+        st = TeacherStore(r.url)
+        return {"teacher": teacher, "sequences": len(st), "tokens": st.n_tokens, "wall_s": wall,
+                "tok_s_incl_load": st.n_tokens / wall, "bytes_per_token": st.bytes_on_disk / st.n_tokens}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["## precompute (hf backend)", ""]
+    cpu = results.get("cpu")
+    if cpu:
+        p = cpu["pipeline"]
+        lines += [f"CPU ({cpu['cpu']}, {cpu['threads']} threads), random `cpu-small` Llama, vocab {cpu['vocab']}, "
+                  f"K={p['k']}, {p['tokens']} tokens of pydoc text:", "",
+                  "| bare forward tok/s | pipeline tok/s | overhead | + store tok/s | overhead | bytes/token |",
+                  "|---|---|---|---|---|---|",
+                  f"| {p['bare_tok_s']:.0f} | {p['pipeline_tok_s']:.0f} | {p['overhead_pct']:+.1f}% | "
+                  f"{p.get('pipeline_store_tok_s', float('nan')):.0f} | {p.get('overhead_store_pct', float('nan')):+.1f}% | "
+                  f"{p.get('bytes_per_token', float('nan')):.1f} |", ""]
+        if "real_teacher" in cpu:
+            r = cpu["real_teacher"]
+            lines += [f"Real teacher end to end (`run()`, incl. loading): {r['tokens']} tokens, "
+                      f"{r['tok_s_incl_load']:.0f} tok/s, {r['bytes_per_token']:.1f} bytes/token.", ""]
+    cuda = results.get("cuda")
+    if cuda and "skipped" not in cuda:
+        lines += [f"CUDA: {cuda['gpu']}, torch {cuda['torch']}, transformers {cuda['transformers']}, bf16, random "
+                  "weights (throughput does not depend on them):", "",
+                  "| arch | budget MiB | tokens | bare tok/s | pipeline tok/s | overhead | + store tok/s | overhead "
+                  "| bytes/token | peak GiB bare / pipeline |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for arch in ARCHS:
+            if arch not in cuda:
+                continue
+            for key, r in cuda[arch].items():
+                if not key.startswith("budget_"):
+                    continue
+                lines.append(
+                    f"| {arch} | {r['memory_budget_mb']} | {r['tokens']} | {r['bare_tok_s']:.0f} | {r['pipeline_tok_s']:.0f} "
+                    f"| {r['overhead_pct']:+.1f}% | {r.get('pipeline_store_tok_s', float('nan')):.0f} | "
+                    f"{r.get('overhead_store_pct', float('nan')):+.1f}% | {r.get('bytes_per_token', float('nan')):.1f} | "
+                    f"{r['bare_peak_gib']:.1f} / {r['pipeline_peak_gib']:.1f} |")
+        lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
+                  "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
+        for arch in ARCHS:
+            if arch in cuda:
+                c = cuda[arch]["bf16_vs_fp32"]
+                lines.append(f"| {arch} | {c['positions']} | {c['top1_agree']:.4f} | {c['topk_recall']:.4f} | "
+                             f"{c['top10_abs_dlogprob_mean']:.4f} / {c['top10_abs_dlogprob_p99']:.4f} | "
+                             f"{c['extractor_ids_exact']} | {c['extractor_max_abs_err']:.2e} |")
+    elif cuda:
+        lines.append(f"CUDA part skipped: {cuda['skipped']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--k", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cpu-texts", type=int, default=24)
+    ap.add_argument("--cpu-batch-tokens", type=int, default=4096)
+    ap.add_argument("--real-teacher", default=None, help="HF folder of a real teacher for an end-to-end run()")
+    ap.add_argument("--archs", nargs="+", default=["smollm2-135m", "llama-1b"], choices=sorted(ARCHS))
+    ap.add_argument("--cuda-seqs", type=int, default=96)
+    ap.add_argument("--cuda-min-len", type=int, default=256)
+    ap.add_argument("--cuda-max-len", type=int, default=2048)
+    ap.add_argument("--cuda-batch-tokens", type=int, default=16384)
+    ap.add_argument("--budgets-mb", type=int, nargs="+", default=[256, 2048])
+    ap.add_argument("--check-seqs", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+    results: dict[str, Any] = {}
+    if args.part in ("cpu", "all"):
+        results["cpu"] = cpu_part(args)
+    if args.part in ("cuda", "all"):
+        results["cuda"] = cuda_part(args)
+    md = markdown(results)
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.md:
+        Path(args.md).write_text(md)
+
+
+if __name__ == "__main__":
+    main()

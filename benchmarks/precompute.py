@@ -98,6 +98,18 @@ def time_bare(model, backend: HFBackend, seqs, batches, device: str) -> float:
     return time.perf_counter() - t
 
 
+def time_decoder(backend: HFBackend, seqs, batches, device: str) -> float:
+    """The decoder body alone (no output head): what the pipeline cannot avoid."""
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            ids, mask = backend._pad([seqs[i] for i in b])
+            backend._decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[mask.bool()]
+    sync(device)
+    return time.perf_counter() - t
+
+
 def time_pipeline(backend: HFBackend, seqs, batches, device: str, store_dir: str | None, k: int):
     """Forward + top-k/lse/entropy + copy to host (+ store writes on a background thread when store_dir)."""
     writer = sink = None
@@ -147,8 +159,9 @@ def compare_pipeline(model, seqs, *, device: str, k: int, batch_tokens: int, bud
     time_bare(model, backend, seqs, batches[:1], device)
     out: dict[str, Any] = {"tokens": tokens, "batches": len(batches), "k": k, "batch_tokens": batch_tokens,
                            "memory_budget_mb": budget_mb, "chunked_head": backend.chunked_head}
-    bare, pipe, pipe_store, nbytes = [], [], [], None
+    bare, pipe, pipe_store, body, nbytes = [], [], [], [], None
     for _ in range(repeats):
+        body.append(time_decoder(backend, seqs, batches, device))
         peak_reset(device)
         bare.append(time_bare(model, backend, seqs, batches, device))
         out["bare_peak_gib"] = peak_gib(device)
@@ -162,6 +175,9 @@ def compare_pipeline(model, seqs, *, device: str, k: int, batch_tokens: int, bud
     out["bare_tok_s"] = tokens / min(bare)
     out["pipeline_tok_s"] = tokens / min(pipe)
     out["overhead_pct"] = 100 * (min(pipe) / min(bare) - 1)
+    out["decoder_only_tok_s"] = tokens / min(body)
+    out["head_share_bare_pct"] = 100 * (1 - min(body) / min(bare))  # output head share of the bare forward
+    out["head_extract_share_pipeline_pct"] = 100 * (1 - min(body) / min(pipe))
     if pipe_store:
         out["pipeline_store_tok_s"] = tokens / min(pipe_store)
         out["overhead_store_pct"] = 100 * (min(pipe_store) / min(bare) - 1)
@@ -273,6 +289,10 @@ def end_to_end(teacher: str, texts: list[str], k: int) -> dict[str, Any]:
                 "tok_s_incl_load": st.n_tokens / wall, "bytes_per_token": st.bytes_on_disk / st.n_tokens}
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["## precompute (hf backend)", ""]
     cpu = results.get("cpu")
@@ -293,8 +313,8 @@ def markdown(results: dict[str, Any]) -> str:
     if cuda and "skipped" not in cuda:
         lines += [f"CUDA: {cuda['gpu']}, torch {cuda['torch']}, transformers {cuda['transformers']}, bf16, random "
                   "weights (throughput does not depend on them):", "",
-                  "| arch | budget MiB | tokens | bare tok/s | pipeline tok/s | overhead | + store tok/s | overhead "
-                  "| bytes/token | peak GiB bare / pipeline |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | budget MiB | tokens | decoder-only tok/s | bare tok/s | pipeline tok/s | overhead | + store tok/s "
+                  "| overhead | bytes/token | peak GiB bare / pipeline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch in ARCHS:
             if arch not in cuda:
                 continue
@@ -302,10 +322,11 @@ def markdown(results: dict[str, Any]) -> str:
                 if not key.startswith("budget_"):
                     continue
                 lines.append(
-                    f"| {arch} | {r['memory_budget_mb']} | {r['tokens']} | {r['bare_tok_s']:.0f} | {r['pipeline_tok_s']:.0f} "
+                    f"| {arch} | {r['memory_budget_mb']} | {r['tokens']} | {r['decoder_only_tok_s']:.0f} "
+                    f"| {r['bare_tok_s']:.0f} | {r['pipeline_tok_s']:.0f} "
                     f"| {r['overhead_pct']:+.1f}% | {r.get('pipeline_store_tok_s', float('nan')):.0f} | "
                     f"{r.get('overhead_store_pct', float('nan')):+.1f}% | {r.get('bytes_per_token', float('nan')):.1f} | "
-                    f"{r['bare_peak_gib']:.1f} / {r['pipeline_peak_gib']:.1f} |")
+                    f"{_num(r['bare_peak_gib'], '.1f')} / {_num(r['pipeline_peak_gib'], '.1f')} |")
         lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
                   "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
         for arch in ARCHS:

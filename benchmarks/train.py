@@ -98,18 +98,20 @@ def time_steps(loss: str, batches: list[D.Batch], maps, p: dict, device: torch.d
     obj = Objective(Objective.parse_weights(loss, 0.5), theta=0.3)
     ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if p["dtype"] == "bf16" else None
     times = []
+    counts_of = [b.counts for b in batches]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        totals = {k: float(v) for k, v in b.counts.items()}
+        counts = counts_of[i]
+        totals = {k: float(v) for k, v in counts.items()}
         if ac is not None:
             with ac():
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
         else:
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-        value, _ = obj.micro_loss(logits, b, totals, maps, p["vocab"])
+        value, _ = obj.micro_loss(logits, b, totals, maps, p["vocab"], counts)
         value.backward()
         del logits, value
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,11 +138,13 @@ def child(args: argparse.Namespace) -> None:
 
 
 def loader_rate(t_url: str, m_url: str, p: dict, workers: int, n: int) -> float:
-    """Seconds per micro-batch the loader needs (after the first batch: worker start-up excluded)."""
+    """Steady-state seconds per micro-batch of the loader (the first 2 batches per worker, i.e. start-up, excluded)."""
     src, plan, blocks = loader_parts(t_url, m_url, p)
-    stream = D.TrainStream(src, plan, D.block_index(blocks, len(src.table.length)), 0, stop=n + 1)
+    warm = 2 * max(1, workers)
+    stream = D.TrainStream(src, plan, D.block_index(blocks, len(src.table.length)), 0, stop=n + warm)
     it = iter(D.make_loader(stream, num_workers=workers))
-    next(it)
+    for _ in range(warm):
+        next(it)
     t0 = time.perf_counter()
     k = sum(1 for _ in it)
     return (time.perf_counter() - t0) / max(k, 1)
@@ -174,7 +178,7 @@ def main() -> None:
             sys.exit(f"benchmark child ({loss}) failed:\n{out.stderr[-3000:]}")
         s, m = line[-1].split()[1:]
         res[loss] = (float(s), float(m))
-    n_load = 3 * (args.workers + 1) * 4
+    n_load = 64
     load = {w: loader_rate(t_url, m_url, p, w, n_load) for w in sorted({0, args.workers})}
     step = res["ce+cdm"][0]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

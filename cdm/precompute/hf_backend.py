@@ -7,7 +7,7 @@ tensor for padding is built and no fp32 [tokens, V] temporary exceeds the memory
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

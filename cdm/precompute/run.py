@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 
 import cdm
 from cdm.precompute.data import (
@@ -243,33 +242,18 @@ def run(
     check_columns(ds, fmt)
     ds = ds.select_columns(fmt.fields)
     n_rows = len(ds) if limit is None else min(int(limit), len(ds))
-    data_fp = data_fingerprint(paths, split)
 
-    # key and location
+    # key, manifest and location
     dev = resolve_device(device)
     if dev == "cuda" and os.environ.get("LOCAL_RANK"):
         dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     torch_dtype = resolve_dtype(dtype, dev)
     dtype_name = str(torch_dtype).replace("torch.", "")
-    teacher_fp = teacher_fingerprint(source.folder, source.gguf_file)
-    tok_fp = tokenizer_fingerprint(tok)
-    capture = {"backend": backend, "dtype": dtype_name, "k": int(top_k), "max_length": int(max_length),
-               "truncation": truncation, "add_special_tokens": add_special, "temperature": 1.0,
-               "value_kind": "logprobs", "codec": codec}
-    key = cache_key({"teacher": teacher_fp["sha256"], "tokenizer": tok_fp, "chat_template": sha256_text(template),
-                     "data": data_fp, "record_format": fmt.to_json(), "limit": n_rows, "capture": capture})
+    key, manifest = identity(source, tok, template, fmt, paths, split, n_rows, backend=backend, dtype_name=dtype_name,
+                             top_k=top_k, max_length=max_length, truncation=truncation, add_special=add_special,
+                             codec=codec)
     url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
-    manifest = {
-        "teacher": {"source": source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
-                    "fingerprint": teacher_fp["sha256"], "files": teacher_fp["files"],
-                    "tokenizer": {"class": type(tok).__name__, "size": len(tok), "sha256": tok_fp,
-                                  "bos_token": tok.bos_token, "eos_token": tok.eos_token},
-                    "chat_template": template, "chat_template_sha256": sha256_text(template) if template else None},
-        "capture": {**capture, **describe_backend(backend, dtype_name), "cdm": cdm.__version__},
-        "data": {"paths": [os.path.abspath(p) if os.path.exists(p) else p for p in paths], "split": split,
-                 "fingerprint": data_fp, "record_format": fmt.to_json(), "rows": n_rows,
-                 "shard_assignment": "source_index % num_shards"},
-    }
+    data_fp = manifest["data"]["fingerprint"]
 
     existing = TeacherStore.read_manifest(url)
     if existing is not None and existing.get("key") == key and existing.get("complete"):
@@ -281,7 +265,6 @@ def run(
                                 num_shards=n_shards, shard_index=shard, codec=codec, commit_tokens=commit_tokens)
     todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
     computed = bool(todo)
-    runner = None
     tokens_run = 0
     if todo:
         runner = _make_backend(backend, source, top_k=top_k, vocab_size=vocab_size, dtype=torch_dtype, device=dev,
@@ -307,6 +290,32 @@ def run(
     report = "\n".join(lines)
     say(report)
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
+
+
+def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, paths: Sequence[str], split: str,
+             n_rows: int, *, backend: str, dtype_name: str, top_k: int, max_length: int, truncation: str,
+             add_special: bool, codec: str) -> tuple[str, dict[str, Any]]:
+    """The store's cache key and manifest sections: teacher + tokenizer + template + data + capture settings."""
+    data_fp = data_fingerprint(paths, split)
+    teacher_fp = teacher_fingerprint(source.folder, source.gguf_file)
+    tok_fp = tokenizer_fingerprint(tok)
+    capture = {"backend": backend, "dtype": dtype_name, "k": int(top_k), "max_length": int(max_length),
+               "truncation": truncation, "add_special_tokens": add_special, "temperature": 1.0,
+               "value_kind": "logprobs", "codec": codec}
+    key = cache_key({"teacher": teacher_fp["sha256"], "tokenizer": tok_fp, "chat_template": sha256_text(template),
+                     "data": data_fp, "record_format": fmt.to_json(), "limit": n_rows, "capture": capture})
+    manifest = {
+        "teacher": {"source": source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
+                    "fingerprint": teacher_fp["sha256"], "files": teacher_fp["files"],
+                    "tokenizer": {"class": type(tok).__name__, "size": len(tok), "sha256": tok_fp,
+                                  "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+                    "chat_template": template, "chat_template_sha256": sha256_text(template) if template else None},
+        "capture": {**capture, **describe_backend(backend, dtype_name), "cdm": cdm.__version__},
+        "data": {"paths": [os.path.abspath(p) if os.path.exists(p) else p for p in paths], "split": split,
+                 "fingerprint": data_fp, "record_format": fmt.to_json(), "rows": n_rows,
+                 "shard_assignment": "source_index % num_shards"},
+    }
+    return key, manifest
 
 
 def describe_backend(name: str, dtype_name: str) -> dict[str, Any]:
@@ -405,8 +414,15 @@ def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordForm
                 tokens += n_tok
                 bar.update(len(items))
                 bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+    except BaseException:
+        try:
+            sink.close()  # drain what was computed; the original error wins over a writer error
+        except BaseException:
+            pass
+        raise
+    else:
+        sink.close()
     finally:
         bar.close()
-        sink.close()
     return tokens
 

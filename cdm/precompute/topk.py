@@ -1,7 +1,7 @@
 """Top-k log-probs, log-sum-exp and full-vocabulary entropy of logit rows, chunked under a memory budget.
 
-Pure torch, device-agnostic. Ordering is deterministic: log-probs descending, equal log-probs by ascending id,
-including ties at the k-th place (the lowest ids win), so CPU and CUDA runs store the same ids.
+Pure torch, device-agnostic. Ordering is deterministic: logits (hence log-probs) descending, equal logits by
+ascending id, including ties at the k-th place (the lowest ids win), so CPU and CUDA runs store the same ids.
 """
 
 from __future__ import annotations
@@ -58,29 +58,42 @@ def _order_ties_by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Te
     return values, ids.gather(-1, perm)
 
 
+def _margin(dtype: torch.dtype, k: int, vocab: int) -> int:
+    """Extra candidates fetched past the k-th so that a tie group at the k-th place usually fits among them:
+    ties are rare in fp32 but common in bf16/fp16 logits (8-11 mantissa bits)."""
+    extra = 1 if dtype in (torch.float32, torch.float64) else 64
+    return max(0, min(extra, vocab - k))
+
+
 def _topk_chunk(logits: torch.Tensor, k: int) -> TopK:
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    if not bool(torch.isfinite(lse).all()):
-        bad = (~torch.isfinite(lse[:, 0])).nonzero()[0, 0].item()
-        raise FloatingPointError(f"row {bad}: logits are NaN/inf or all -inf (log-sum-exp {lse[bad, 0].item()})")
-    logp = x - lse
-    del x
-    p = logp.exp()
-    p.mul_(logp)  # p*log p; 0*(-inf) -> nan for -inf logits, skipped by nansum
-    entropy = -torch.nansum(p, dim=-1)
-    del p
-    vocab = logp.shape[-1]
-    if k < vocab:
-        vals, ids = logp.topk(k + 1, dim=-1)
-        tied = vals[:, k - 1] == vals[:, k]
-        vals, ids = _order_ties_by_id(vals[:, :k], ids[:, :k])
-        if bool(tied.any()):
-            rows = tied.nonzero()[:, 0]
-            vals[rows], ids[rows] = _exact_topk(logp[rows], k)
-    else:
-        vals, ids = _exact_topk(logp, vocab)
-    return TopK(ids.to(torch.int32), vals, lse[:, 0], entropy)
+    """One chunk: two fp32 [rows, V] temporaries; top-k selected on the logits in their own dtype."""
+    vocab = logits.shape[-1]
+    kk = k + _margin(logits.dtype, k, vocab)
+    vals, ids = logits.topk(kk, dim=-1)  # descending; vals[:, 0] is the row max
+    top = vals[:, :1].float()
+    d = logits.to(torch.float32, copy=True)
+    d.sub_(top)  # x - max <= 0
+    e = d.exp()
+    z = e.sum(-1)
+    s = torch.linalg.vecdot(e, d)  # sum e*(x-max); NaN where x = -inf (0 * -inf)
+    del e
+    logz = z.log()
+    lse = top[:, 0] + logz
+    entropy = logz - s / z  # H = log Z - E[x - max]
+    bad_entropy = torch.isnan(entropy) & torch.isfinite(lse)
+    vals, ids = _order_ties_by_id(vals, ids)
+    overflow = (vals[:, k - 1] == vals[:, kk - 1]) if kk < vocab else torch.zeros_like(lse, dtype=torch.bool)
+    vals, ids = vals[:, :k].float(), ids[:, :k]
+    need_entropy, need_exact = torch.stack([bad_entropy.any(), overflow.any()]).tolist()
+    if need_entropy:  # rows with -inf logits: recompute with nansum, skipping 0 * -inf
+        rows = bad_entropy.nonzero()[:, 0]
+        p = torch.exp(d[rows] - logz[rows, None])
+        entropy[rows] = -torch.nansum(p * (d[rows] - logz[rows, None]), dim=-1)
+    del d
+    if need_exact:  # a tie group at the k-th place runs past the fetched candidates
+        rows = overflow.nonzero()[:, 0]
+        vals[rows], ids[rows] = _exact_topk(logits[rows].float(), k)
+    return TopK(ids.to(torch.int32), vals - lse[:, None], lse, entropy)
 
 
 def topk_stats(
@@ -95,7 +108,8 @@ def topk_stats(
 
     `logits` is a [n, V] tensor or a function (start, stop) -> logits of rows start:stop (then pass `n_rows`
     and `vocab_size`), so callers can produce logits chunk by chunk (e.g. lm_head on hidden states) and no
-    fp32 [rows, V] temporary exceeds `memory_budget` bytes (peak about 3x the budget plus the logits chunk).
+    fp32 [rows, V] temporary exceeds `memory_budget` bytes (peak: two such temporaries plus the logits chunk;
+    rows whose k-th place ties past the fetched candidates use an int64 [rows, V] key).
     """
     if isinstance(logits, torch.Tensor):
         if logits.ndim != 2:
@@ -114,6 +128,11 @@ def topk_stats(
         raise ValueError(f"top-k must be in [1, vocab size {vocab_size}], got {k}")
     step = rows_per_chunk(vocab_size, memory_budget)
     parts = [_topk_chunk(produce(a, min(a + step, n_rows)), k) for a in range(0, n_rows, step)]
+    if parts:
+        lse = torch.cat([p.logsumexp for p in parts])
+        if not bool(torch.isfinite(lse).all()):
+            bad = int((~torch.isfinite(lse)).nonzero()[0, 0])
+            raise FloatingPointError(f"row {bad}: logits are NaN/inf or all -inf (log-sum-exp {lse[bad].item()})")
     if not parts:
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         empty = torch.empty(0, device=device)

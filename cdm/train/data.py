@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cdm.mapping.store import KIND_1_1, MapStore
+from cdm.mapping.store import MapStore
 from cdm.storage.ragged import RaggedStoreReader, StoreError
 from cdm.storage.teacher import TeacherStore
 
@@ -560,9 +560,6 @@ class Sources:
                                     t["text"], self.cfg, dual=dtuple, teacher_spans=tspans)
         return out
 
-    def __getstate__(self) -> dict[str, Any]:  # workers reopen lazily (reader handles reopen after fork)
-        return dict(self.__dict__)
-
 
 # --------------------------------------------------------------------------------------------- streaming
 
@@ -585,6 +582,8 @@ class TrainStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         k = 0  # index among this rank's micro-batches
         for _, first, window in self.plan.windows(self.start):
+            if self.stop is not None and first >= self.stop:
+                return
             mine: list[tuple[int, np.ndarray]] = []
             for i, batch in enumerate(window.batches):
                 pos = first + i
@@ -594,8 +593,6 @@ class TrainStream(IterableDataset):
                     if k % nw == wid:
                         mine.append((pos, batch))
                     k += 1
-            if self.stop is not None and first >= self.stop:
-                return
             pending: dict[int, Example] = {}
             need = {int(x) for _, b in mine for x in b}
             for pos, batch in mine:

@@ -156,14 +156,16 @@ class Objective:
         totals: dict[str, float],
         maps: VocabMaps | None,
         vocab: int,
+        counts: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted loss of one micro-batch, each part scaled by (its rows here / its rows in the whole step).
 
         Returns the loss and detached sums for logging: ``part`` = part mean × rows here (so the step's sum over
         micro-batches and ranks divided by the step's rows is the step's mean), likewise for the CDM stats.
+        `counts` = ``b.counts`` computed before the batch moved to the device (saves a device sync).
         """
         flat = logits.reshape(-1, logits.shape[-1])
-        mine = b.counts
+        mine = b.counts if counts is None else counts
         loss = (logits.sum() * 0.0).float()  # in the graph even when no part has rows here (DDP needs a backward)
         logs: dict[str, torch.Tensor] = {}
         for part, w in self.weights.items():
@@ -580,7 +582,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         for b in micro:
             if b.input_ids.numel() and int(b.input_ids.max()) >= width:
                 raise D.DataError(f"student ids up to {int(b.input_ids.max())} in sequences {b.seq_ids[:4]} exceed the model's {width} logits")
-        local = torch.tensor([[*b.counts.values(), b.n_bytes, len(b.seq_ids)] for b in micro], dtype=torch.float64).sum(0)
+        counts = [b.counts for b in micro]
+        local = torch.tensor([[*c.values(), b.n_bytes, len(b.seq_ids)] for b, c in zip(micro, counts)], dtype=torch.float64).sum(0)
         totals = dict(zip(COUNT_KEYS, d.all_reduce(local.to(d.device)).tolist()))
         if on_step is not None:
             on_step(step, model)
@@ -592,7 +595,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
             with sync:
                 with autocast():
                     logits = fwd(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-                loss, logs = objective.micro_loss(logits, b, totals, maps, vocab)
+                loss, logs = objective.micro_loss(logits, b, totals, maps, vocab, counts[a])
                 (loss * d.world).backward()
             mb_losses.append(loss.detach())
             for k, v in logs.items():

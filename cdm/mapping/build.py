@@ -115,6 +115,12 @@ def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, ca
     return maps
 
 
+def teacher_roles(manifest: dict[str, Any]) -> dict[str, str]:
+    """bos/eos/pad/unk strings of the teacher tokenizer, as recorded by precompute."""
+    tok = manifest.get("teacher", {}).get("tokenizer", {}) or {}
+    return {k: tok[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if isinstance(tok.get(k), str)}
+
+
 # ------------------------------------------------------------------------------------------ sequence side
 
 
@@ -313,6 +319,7 @@ def build_map(
     import tokenizers
 
     teacher_tok = tokenizers.Tokenizer.from_str(teacher_json)
+    teacher_tok.cdm_roles = teacher_roles(tstore.manifest)
     student_tok = load_tokenizer(student_tokenizer)
     s_hash = tokenizer_hash(student_tok)
     t_vocab = teacher_tok.get_vocab_size(with_added_tokens=True)

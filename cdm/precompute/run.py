@@ -262,7 +262,8 @@ def run(
         return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
 
     writer = TeacherStoreWriter(url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size,
-                                num_shards=n_shards, shard_index=shard, codec=codec, commit_tokens=commit_tokens)
+                                num_shards=n_shards, shard_index=shard, codec=codec, commit_tokens=commit_tokens,
+                                tokenizer_json=_tokenizer_json(tok))
     todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
     computed = bool(todo)
     tokens_run = 0
@@ -308,7 +309,8 @@ def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, pat
         "teacher": {"source": source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
                     "fingerprint": teacher_fp["sha256"], "files": teacher_fp["files"],
                     "tokenizer": {"class": type(tok).__name__, "size": len(tok), "sha256": tok_fp,
-                                  "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+                                  "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                                  "pad_token": tok.pad_token, "unk_token": tok.unk_token},
                     "chat_template": template, "chat_template_sha256": sha256_text(template) if template else None},
         "capture": {**capture, **describe_backend(backend, dtype_name), "cdm": cdm.__version__},
         "data": {"paths": [os.path.abspath(p) if os.path.exists(p) else p for p in paths], "split": split,
@@ -316,6 +318,12 @@ def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, pat
                  "shard_assignment": "source_index % num_shards"},
     }
     return key, manifest
+
+
+def _tokenizer_json(tok: Any) -> str | None:
+    """The fast tokenizer's JSON, saved with the store so build-map needs no teacher model."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else None
 
 
 def describe_backend(name: str, dtype_name: str) -> dict[str, Any]:

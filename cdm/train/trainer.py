@@ -7,7 +7,6 @@ ranks), so one process with accumulation A·W equals W DDP processes with accumu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -240,23 +239,12 @@ def torch_maps(map_store: MapStore, device: torch.device) -> VocabMaps:
 # ============================================================================================ student
 
 
-def student_tokenizer_hash(path: str, tokenizer: Any) -> str:
-    """The key the map store records for its student tokenizer: `cdm.mapping.tokenizers.tokenizer_hash` of the
-    tokenizer at `path` (sha256 of its tokenizers JSON); falls back to the loaded tokenizer's backend JSON."""
-    try:
-        from cdm.mapping.tokenizers import load_tokenizer, tokenizer_hash  # type: ignore[attr-defined]
-    except ImportError:  # the mapping module is optional here; same rule, computed locally
-        load_tokenizer = tokenizer_hash = None
-    if load_tokenizer is not None and tokenizer_hash is not None:
-        return str(tokenizer_hash(load_tokenizer(path)))
-    tj = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
-    if os.path.isfile(tj):
-        from tokenizers import Tokenizer
+def student_tokenizer_hash(path: str, tokenizer: Any = None) -> str:
+    """The key the map store records for its student tokenizer: sha256 of the tokenizer's JSON, exactly as
+    `cdm build-map` computes it (`cdm.mapping.tokenizers.tokenizer_hash`)."""
+    from cdm.mapping.tokenizers import load_tokenizer, tokenizer_hash
 
-        backend = Tokenizer.from_file(tj)
-    else:
-        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+    return str(tokenizer_hash(load_tokenizer(path)))
 
 
 def load_student(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:

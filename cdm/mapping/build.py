@@ -216,6 +216,7 @@ class Diagnostics:
         self.aligned += len(rows)
         for code, n in zip(*np.unique(seq.align_kind[seq.teacher_row >= 0], return_counts=True)):
             self.kinds[KIND_NAMES[int(code)]] += int(n)
+        self.kinds["unaligned"] += max(int(seq.loss_mask.sum()) - len(rows), 0)
         if len(rows) == 0:
             return
         ids = t.topk_ids[rows]

@@ -36,11 +36,15 @@ class LoadedTokenizer:
 TokenizerLike = Union[Tokenizer, LoadedTokenizer, Any]
 
 
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded, or cannot give the character offsets alignment needs."""
+
+
 def open_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     """Load a HF tokenizer folder, a tokenizer.json, a SentencePiece ``.model`` or a ``.gguf`` file, with roles."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer path {str(p)!r} does not exist")
+        raise TokenizerError(f"tokenizer path {str(p)!r} does not exist")
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".gguf":
@@ -51,7 +55,7 @@ def open_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
             return _from_backend(_tokenizer_from_json(p), str(p))
         if suffix == ".model":
             return _from_hf(_sentencepiece_tokenizer(p), str(p))
-        raise ValueError(
+        raise TokenizerError(
             f"{str(p)!r} is not a tokenizer: expected a folder, a tokenizer.json, a SentencePiece .model or a .gguf file"
         )
     if (p / "tokenizer.json").is_file():
@@ -65,15 +69,20 @@ def open_tokenizer(path: str | os.PathLike) -> LoadedTokenizer:
     if len(ggufs) == 1:
         return _from_hf(_auto_tokenizer(p, gguf_file=ggufs[0].name), str(p))
     if len(ggufs) > 1:
-        raise ValueError(f"folder {str(p)!r} holds several .gguf files; pass the one to use: {[g.name for g in ggufs]}")
-    raise ValueError(
+        raise TokenizerError(f"folder {str(p)!r} holds several .gguf files; pass the one to use: {[g.name for g in ggufs]}")
+    raise TokenizerError(
         f"folder {str(p)!r} holds no tokenizer: expected tokenizer.json, tokenizer.model or one .gguf file"
     )
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The `tokenizers.Tokenizer` at ``path`` (see `open_tokenizer`), padding and truncation disabled."""
-    return open_tokenizer(path).tokenizer
+    """The `tokenizers.Tokenizer` at ``path`` (see `open_tokenizer`), padding and truncation disabled.
+
+    Its roles travel with it as the attribute ``cdm_roles`` ({role: id}), which `canonical_vocab` reads.
+    """
+    loaded = open_tokenizer(path)
+    loaded.tokenizer.cdm_roles = dict(loaded.roles)  # type: ignore[attr-defined]
+    return loaded.tokenizer
 
 
 def backend_tokenizer(tok: TokenizerLike) -> Tokenizer:
@@ -85,7 +94,7 @@ def backend_tokenizer(tok: TokenizerLike) -> Tokenizer:
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if isinstance(backend, Tokenizer):
         return backend
-    raise TypeError(
+    raise TokenizerError(
         f"{type(tok).__name__} has no `tokenizers` backend, so it cannot give character offsets; "
         "load the tokenizer with cdm.mapping.tokenizers.load_tokenizer or a fast transformers tokenizer"
     )
@@ -109,7 +118,7 @@ def encode_with_offsets(tok: TokenizerLike, text: str) -> tuple[np.ndarray, np.n
     """Token ids int32[n] and character spans int32[n,2] of ``text``, with no special tokens added (no BOS)."""
     backend = backend_tokenizer(tok)
     if backend.truncation is not None:
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer has truncation enabled ({backend.truncation}), which would silently drop tokens; "
             "call tokenizer.no_truncation() first"
         )
@@ -120,11 +129,11 @@ def encode_with_offsets(tok: TokenizerLike, text: str) -> tuple[np.ndarray, np.n
         keep = np.asarray(enc.attention_mask, dtype=bool)
         ids, spans = ids[keep], spans[keep]
     if len(ids) and len(text) and not spans.any():
-        raise ValueError("tokenizer returned no character offsets (every span is (0, 0)); it cannot be aligned")
+        raise TokenizerError("tokenizer returned no character offsets (every span is (0, 0)); it cannot be aligned")
     bad = (spans[:, 0] < 0) | (spans[:, 0] > spans[:, 1]) | (spans[:, 1] > len(text))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer returned an invalid character span {tuple(spans[i])} for token {i} (id {ids[i]}) "
             f"of a {len(text)}-character text"
         )
@@ -182,7 +191,7 @@ def _tokenizer_from_json(path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{str(path)!r} is not a valid tokenizer.json: {exc}") from exc
+        raise TokenizerError(f"{str(path)!r} is not a valid tokenizer.json: {exc}") from exc
 
 
 def _auto_tokenizer(folder: Path, **kwargs: Any) -> Any:
@@ -192,7 +201,7 @@ def _auto_tokenizer(folder: Path, **kwargs: Any) -> Any:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
     except Exception as exc:
         what = kwargs.get("gguf_file") or str(folder)
-        raise ValueError(f"could not load a tokenizer from {what!r}: {exc}") from exc
+        raise TokenizerError(f"could not load a tokenizer from {what!r}: {exc}") from exc
 
 
 def _sentencepiece_tokenizer(model_file: Path) -> Any:
@@ -204,12 +213,11 @@ def _sentencepiece_tokenizer(model_file: Path) -> Any:
         try:
             return LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=False, add_eos_token=False)
         except Exception as exc:
-            raise ValueError(f"{str(model_file)!r} is not a SentencePiece model: {exc}") from exc
+            raise TokenizerError(f"{str(model_file)!r} is not a SentencePiece model: {exc}") from exc
 
 
 def _from_hf(hf: Any, source: str) -> LoadedTokenizer:
-    backend = backend_tokenizer(hf)
-    backend = Tokenizer.from_str(backend.to_str())  # a private copy: disabling padding must not touch the wrapper
+    backend = backend_tokenizer(hf)  # the wrapper was built here, so changing its backend affects nobody else
     backend.no_padding()
     backend.no_truncation()
     return LoadedTokenizer(backend, wrapper_roles(hf), getattr(hf, "chat_template", None) or None, source, hf)

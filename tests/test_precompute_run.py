@@ -227,3 +227,24 @@ def test_resolve_shard_from_flags_torchrun_and_slurm():
                                       "SLURM_ARRAY_TASK_MIN": "4"}) == (5, 3)
     with pytest.raises(ValueError, match="shard-index 4"):
         resolve_shard(4, 4, {})
+
+
+def test_id_table_codec_round_trips_and_is_shared_by_shards(tmp_path, tiny_teacher):
+    """--id-table fits one table from the first rows (same in every worker); values and ids read back unchanged."""
+    recs = text_records(12, seed=3, max_chars=120)
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    plain = str(tmp_path / "plain")
+    run(str(tiny_teacher), str(data), plain, top_k=6, text_field="text", codec="q5", **QUIET)
+    tabled = str(tmp_path / "tabled")
+    for shard in (1, 0):  # the second worker reuses the table the first one wrote into the manifest
+        run(str(tiny_teacher), str(data), tabled, top_k=6, text_field="text", codec="q5", id_table=64,
+            num_shards=2, shard_index=shard, **QUIET)
+    a, b = TeacherStore(plain), TeacherStore(tabled)
+    table = b.manifest["codec"]["params"]["id_table"]
+    assert 0 < len(table) <= 64 and a.manifest["codec"]["params"]["id_table"] is None
+    assert a.key != b.key
+    sa, sb = by_source(plain), by_source(tabled)
+    assert sorted(sa) == sorted(sb)
+    for i in sa:
+        np.testing.assert_array_equal(sa[i].topk_ids, sb[i].topk_ids)
+        np.testing.assert_array_equal(sa[i].topk_logprobs, sb[i].topk_logprobs)

@@ -39,7 +39,10 @@ def precompute_command(
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
     memory_budget_mb: Annotated[int, typer.Option("--memory-budget-mb", help="Largest fp32 [tokens, vocab] "
                                                   "temporary of the top-k step, MiB.")] = 256,
-    codec: Annotated[str, typer.Option("--codec", help="Top-k storage codec.")] = "lossless",
+    codec: Annotated[str, typer.Option("--codec", help="Top-k storage codec: lossless (fp16-exact), quant, qN "
+                                        "(bounded log-prob error), plain. See benchmarks/RESULTS.md.")] = "lossless",
+    id_table: Annotated[int, typer.Option("--id-table", help="Remap the N most frequent token ids (fitted on the "
+                                          "first rows) to small codes: ~8-11% smaller ids. 0 = off.")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="vllm backend: GPUs per "
                                                       "engine (tensor parallelism) for big teachers.")] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
@@ -58,7 +61,7 @@ def precompute_command(
                   chat_template=chat_template, tokenizer=tokenizer, max_length=max_length, truncation=truncation,
                   limit=limit, split=split, num_shards=num_shards, shard_index=shard_index, cache_dir=cache_dir,
                   dtype=dtype, device=device, batch_tokens=batch_tokens, memory_budget_mb=memory_budget_mb,
-                  codec=codec, progress=progress, echo=lambda s: typer.echo(s, err=True),
+                  codec=codec, id_table=id_table, progress=progress, echo=lambda s: typer.echo(s, err=True),
                   backend_options={"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else None)
     except (DataError, TeacherError, OffsetsUnavailable, StoreError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)

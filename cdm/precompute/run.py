@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 
 import cdm
 from cdm.precompute.data import (
@@ -186,6 +187,7 @@ def run(
     batch_tokens: int = 8192,
     memory_budget_mb: int = 256,
     codec: str = "lossless",
+    id_table: int = 0,
     commit_tokens: int = 65536,
     window_rows: int = 2048,
     progress: bool = True,
@@ -251,7 +253,7 @@ def run(
     dtype_name = str(torch_dtype).replace("torch.", "")
     key, manifest = identity(source, tok, template, fmt, paths, split, n_rows, backend=backend, dtype_name=dtype_name,
                              top_k=top_k, max_length=max_length, truncation=truncation, add_special=add_special,
-                             codec=codec)
+                             codec=codec if not id_table else f"{codec}+id_table{int(id_table)}")
     url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
     data_fp = manifest["data"]["fingerprint"]
 
@@ -261,9 +263,15 @@ def run(
         say(report)
         return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
 
+    codec_params: dict[str, Any] = {}
+    if id_table:
+        if existing is not None and existing.get("key") == key:  # reuse the store's table: all shards share one
+            codec_params = dict(existing["codec"].get("params", {}))
+        else:
+            codec_params = {"id_table": calibrate_id_table(ds, n_rows, fmt, render, tok, add_special, id_table)}
     writer = TeacherStoreWriter(url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size,
-                                num_shards=n_shards, shard_index=shard, codec=codec, commit_tokens=commit_tokens,
-                                tokenizer_json=_tokenizer_json(tok))
+                                num_shards=n_shards, shard_index=shard, codec=codec, codec_params=codec_params,
+                                commit_tokens=commit_tokens, tokenizer_json=_tokenizer_json(tok))
     todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
     computed = bool(todo)
     tokens_run = 0
@@ -318,6 +326,17 @@ def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, pat
                  "shard_assignment": "source_index % num_shards"},
     }
     return key, manifest
+
+
+def calibrate_id_table(ds: Any, n_rows: int, fmt: RecordFormat, render: Any, tok: Any, add_special: bool,
+                       size: int, calib_rows: int = 256) -> list[int]:
+    """An id table for the codec (frequent ids get small codes): the `size` most frequent token ids of the first
+    `calib_rows` input rows. Deterministic from data + tokenizer, so every shard worker fits the same table."""
+    from cdm.storage.topk_codec import fit_id_table
+
+    encs, _ = _prepare(ds, list(range(min(calib_rows, n_rows))), fmt, render, tok, add_special, 1 << 30, "truncate")
+    ids = np.concatenate([e.token_ids for _, e in encs]) if encs else np.zeros(0, dtype=np.int64)
+    return fit_id_table(ids.astype(np.int64), size=size)
 
 
 def _tokenizer_json(tok: Any) -> str | None:

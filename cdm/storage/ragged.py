@@ -188,6 +188,7 @@ class RaggedShardWriter:
         self.base = dict(base)
         self.base["fields"] = {k: v.to_json() for k, v in fields.items()}
         self.base["chunk_rows"] = int(chunk_rows)
+        self.base = json.loads(json.dumps(self.base))  # compare with what is read back from manifest.json
         self.fields = fields
         for extra in (count_column, "done_key"):
             if extra not in row_schema.names:
@@ -216,8 +217,8 @@ class RaggedShardWriter:
                     f"{self.loc.url}: holds a store with key {existing.get('key')}, not {self.base['key']} "
                     "(another teacher, data or settings); choose another --out or delete it"
                 )
-            for name in ("num_shards", "fields", "chunk_rows"):
-                if existing.get(name) != self.base[name]:
+            for name in ("num_shards", "fields", "chunk_rows", "codec", "k", "vocab_size"):
+                if name in self.base and existing.get(name) != self.base[name]:
                     raise StoreError(
                         f"{self.loc.url}: manifest field {name!r} is {existing.get(name)!r}, this writer needs "
                         f"{self.base[name]!r}"

@@ -26,7 +26,7 @@ from cdm.storage.ragged import (
     bytes_on_disk,
     read_manifest,
 )
-from cdm.storage.topk_codec import get_codec
+from cdm.storage.topk_codec import TopKCodec, from_description, get_codec
 
 FORMAT = "cdm-teacher-store"
 TOKENIZER_FILE = "tokenizer.json"  # the teacher's tokenizer, so build-map needs no teacher model
@@ -113,7 +113,8 @@ class TeacherStoreWriter:
         vocab_size: int,
         num_shards: int = 1,
         shard_index: int = 0,
-        codec: str = "lossless",
+        codec: str | TopKCodec = "lossless",
+        codec_params: dict[str, Any] | None = None,
         commit_tokens: int = 65536,
         chunk_rows: int = 16384,
         storage_options: dict[str, Any] | None = None,
@@ -123,7 +124,7 @@ class TeacherStoreWriter:
         `build-map` can canonicalise the teacher vocabulary without the teacher model."""
         self.k = int(k)
         self.vocab_size = int(vocab_size)
-        self.codec = get_codec(codec)
+        self.codec = get_codec(codec, **(codec_params or {})) if isinstance(codec, str) else codec
         fields = {**base_fields(), **self.codec.fields(self.k)}
         base = {
             "format": FORMAT,
@@ -266,7 +267,10 @@ class TeacherStore:
             storage_options=storage_options,
         )
         self.manifest = self._r.manifest
-        self.codec = get_codec(self.manifest["codec"]["name"], **self.manifest["codec"].get("params", {}))
+        try:
+            self.codec = from_description(self.manifest["codec"])
+        except ValueError as e:
+            raise StoreError(f"{self.url}: {e}") from None
         self._codec_fields = list(self.codec.fields(self.k))
 
     @staticmethod

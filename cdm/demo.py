@@ -29,7 +29,8 @@ PROMPTS = (
     "Write the Python reference documentation for '{topic}'{part}.",
 )
 SEPARATOR = "\n\n"
-STAGE_FILE = "demo-stage.json"
+STAGE_FILE = "demo-stage.json"  # the settings a stage folder was made with
+DONE_FILE = "demo-done.json"  # written when the stage finished: a rerun skips it
 ARMS = (("ce", "student-ce"), ("ce+cdm", "student-cdm"))
 
 
@@ -196,6 +197,20 @@ def _stage(path: Path, params: dict[str, Any], say: Callable[[str], None]) -> No
     marker.write_text(json.dumps(params, indent=1, sort_keys=True), encoding="utf-8")
 
 
+def _finished(path: Path) -> dict[str, Any] | None:
+    """What a finished stage recorded (None: not finished)."""
+    try:
+        return json.loads((path / DONE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _mark_finished(path: Path, info: dict[str, Any]) -> None:
+    tmp = path / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
+    tmp.replace(path / DONE_FILE)
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     """Write `text` unless the file already holds it (keeps content fingerprints and mtimes stable on reruns)."""
     if path.exists() and path.read_text(encoding="utf-8") == text:
@@ -274,10 +289,12 @@ def run_demo(
     max_length: int = 512,
     seed: int = 0,
     progress: bool = True,
+    vocab_cache: str | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run (or reuse) precompute -> build-map -> train (ce and ce+cdm, same init and data order) under `out`.
 
+    `vocab_cache` holds the per-tokenizer-pair vocabulary maps (default ``out/cache``; ~1 min to compute).
     Returns the numbers of the final table (also printed through `echo` and saved as ``out/results.json``).
     """
     cfg = DemoConfig(out, teacher_tokens, rows, top_k, steps, lr, kd_weight, hidden, layers, batch_size, max_length,
@@ -305,21 +322,36 @@ def run_demo(
     t_path = root / "teacher"
     data_sha = hashlib.sha256(data.read_bytes()).hexdigest()
     _stage(t_path, {"stage": "precompute", "top_k": top_k, "rows": n_rows, "data_sha256": data_sha}, say)
-    say(f"cdm demo [1/3] precompute: SmolLM2 top-{top_k} over {n_rows} rows (~{n_tokens:,} tokens)")
-    pre = precompute(str(teacher_dir), str(data), str(t_path), top_k=top_k, prompt_field="prompt",
-                     response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
-                     progress=progress, echo=say)
-    stages["precompute"] = StageInfo(pre.url, pre.computed, time.perf_counter() - t0)
-    info = store_info(pre.url)
+    pre = _finished(t_path)
+    stages["precompute"] = StageInfo(str(t_path), pre is None, 0.0)
+    if pre is None:
+        say(f"cdm demo [1/3] precompute: SmolLM2 top-{top_k} over {n_rows} rows (~{n_tokens:,} tokens)")
+        res = precompute(str(teacher_dir), str(data), str(t_path), top_k=top_k, prompt_field="prompt",
+                         response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
+                         progress=progress, echo=say)
+        pre = {"url": res.url, "key": res.key}
+        _mark_finished(t_path, pre)
+    else:
+        say(f"cdm demo [1/3] precompute: reusing the finished teacher store {t_path}")
+    stages["precompute"].seconds = time.perf_counter() - t0
+    info = store_info(pre["url"])
 
     # 2. map to the student tokenizer
     t0 = time.perf_counter()
     m_path = root / "map"
-    _stage(m_path, {"stage": "build-map", "teacher_key": pre.key}, say)
-    say("cdm demo [2/3] build-map: align the store to the Mistral SentencePiece tokenizer")
-    bm = build_map(pre.url, student_tok, str(m_path), cache_dir=str(root / "cache"), progress=progress, log=say)
-    stages["build-map"] = StageInfo(bm.url, bm.computed, time.perf_counter() - t0)
-    say(format_report(bm.report))
+    _stage(m_path, {"stage": "build-map", "teacher_key": pre["key"]}, say)
+    bm = _finished(m_path)
+    stages["build-map"] = StageInfo(str(m_path), bm is None, 0.0)
+    if bm is None:
+        say("cdm demo [2/3] build-map: align the store to the Mistral SentencePiece tokenizer")
+        res = build_map(pre["url"], student_tok, str(m_path), cache_dir=vocab_cache or str(root / "cache"),
+                        progress=progress, log=say)
+        bm = {"url": res.url, "key": res.key, "report": res.report}
+        _mark_finished(m_path, bm)
+        say(format_report(bm["report"]))
+    else:
+        say(f"cdm demo [2/3] build-map: reusing the finished map store {m_path}")
+    stages["build-map"].seconds = time.perf_counter() - t0
 
     # 3. two students, same init and data order; only the loss differs
     from transformers import AutoTokenizer
@@ -328,13 +360,13 @@ def run_demo(
     s_cfg = student_config(len(stok), hidden, layers, stok.bos_token_id, stok.eos_token_id, max(1024, max_length))
     cfg_path = root / "student-config.json"
     _write_if_changed(cfg_path, json.dumps(s_cfg, indent=1, sort_keys=True) + "\n")
-    train_params = {"stage": "train", "map_key": bm.key, "student": s_cfg, "steps": steps, "lr": lr,
+    train_params = {"stage": "train", "map_key": bm["key"], "student": s_cfg, "steps": steps, "lr": lr,
                     "kd_weight": kd_weight, "batch_size": batch_size, "max_length": max_length, "seed": seed,
                     "heldout": heldout}
     evals: dict[str, tuple[dict, dict]] = {}
     for i, (loss, name) in enumerate(ARMS):
         say(f"cdm demo [3/3] train {i + 1}/{len(ARMS)}: --loss {loss}")
-        stage, start, final = _train_arm(cfg, loss, root / name, pre.url, bm.url, cfg_path, student_tok, heldout,
+        stage, start, final = _train_arm(cfg, loss, root / name, pre["url"], bm["url"], cfg_path, student_tok, heldout,
                                          {**train_params, "loss": loss}, say)
         stages[f"train {loss}"] = stage
         evals[loss] = (start, final)
@@ -345,7 +377,7 @@ def run_demo(
     n_params = _count_params(s_cfg)
     result = DemoResult(
         config={**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "student_vocab": len(stok)},
-        rows=n_rows, heldout_rows=heldout, teacher_tokens=int(info["tokens"]), store=info, report=bm.report,
+        rows=n_rows, heldout_rows=heldout, teacher_tokens=int(info["tokens"]), store=info, report=bm["report"],
         student_params=n_params,
         bpb={"before": float(before[0]), **{loss: float(evals[loss][1]["bpb"]) for loss, _ in ARMS}},
         ce={"before": float(evals[ARMS[0][0]][0]["ce"]), **{loss: float(evals[loss][1]["ce"]) for loss, _ in ARMS}},

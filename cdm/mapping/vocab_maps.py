@@ -1,156 +1,333 @@
-"""Maps between two canonical vocabularies: exact match (−1 = unmapped), fuzzy neighbours (CSR), MinED nearest.
+"""Maps between two canonical vocabularies: exact match (−1 = unmapped), its inverse, fuzzy neighbours (CSR),
+MinED nearest tokens. Each fast function has a slow pure-Python reference (``*_slow``) for differential tests.
 
-Distances are on the canonical bodies read as bytes (latin-1 view: one character per byte), so partial UTF-8
-pieces stay distinct; nd(a, b) = lev(a, b) / (len(a) + len(b)) as in the CDM reference (rapidfuzz's normalised
-Levenshtein divides by the max length instead, so the division is done here).
+Distances are raw Levenshtein distances between body strings (bytes decoded with surrogate escapes, so invalid
+UTF-8 pieces stay distinct) counted in characters. nd(a, b) = lev(a, b) / (len(a) + len(b)), 0 when both are
+empty, as in the CDM reference; rapidfuzz's own normalised Levenshtein divides by the max length and its Indel
+distance counts a substitution twice, so the division is done here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
-from cdm.mapping.vocab import KIND_BYTE, KIND_SPECIAL, CanonicalVocab
+from cdm.mapping.vocab import KIND_BYTE, KIND_MISSING, KIND_SPECIAL, TEXT_KINDS, CanonicalVocab
+
+#: a teacher role maps to the student token of the same role, else to the first fallback role the student has
+ROLE_FALLBACKS = {"eot": ("eos",), "eos": ("eot",)}
+#: order in which roles of one id are tried
+ROLE_PRIORITY = ("eos", "eot", "bos", "pad", "unk", "bot", "cls", "sep", "mask")
+_CELLS_PER_BLOCK = 1 << 23  # bound on one cdist result matrix (int32: 32 MiB)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Neighbours:
     """CSR rows: source id r owns ``indices[indptr[r]:indptr[r+1]]`` (ranked by distance, then id) and ``dist``."""
 
     indptr: np.ndarray  # int64 [V_src + 1]
-    indices: np.ndarray  # int32
-    dist: np.ndarray  # float32
+    indices: np.ndarray  # int32 [P]
+    dist: np.ndarray  # float32 [P]
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.indptr[r]), int(self.indptr[r + 1])
+        return self.indices[a:b], self.dist[a:b]
 
 
-def _latin(b: bytes) -> str:
-    return b.decode("latin-1")
+@dataclass(frozen=True, eq=False)
+class InverseMap:
+    """dst -> src view of a src -> dst map: one chosen src id per dst id (−1 = none) and all preimages as CSR."""
+
+    single: np.ndarray  # int32 [V_dst]
+    indptr: np.ndarray  # int64 [V_dst + 1]
+    indices: np.ndarray  # int32 [P]: preimages of dst id d, ascending
+
+    def preimages(self, d: int) -> np.ndarray:
+        return self.indices[self.indptr[d] : self.indptr[d + 1]]
 
 
-def exact_map(src: CanonicalVocab, dst: CanonicalVocab, space_insensitive: bool = False) -> np.ndarray:
-    """src id -> dst id with the identical canonical form (int32, −1 = none); specials map by role, then content.
+# ------------------------------------------------------------------------------------------ exact map
 
-    Among several dst tokens with one form, a normal token wins over a byte-fallback piece, then the lowest id.
-    `space_insensitive` is the paper's rule: all spaces removed, the leading-space flag ignored.
+
+def vocab_relation(a: CanonicalVocab, b: CanonicalVocab) -> str | None:
+    """"identity" when both tables are equal, "prefix" when one is a prefix of the other (same family,
+    different widths), else None."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    o = int(min(a.offsets[n], b.offsets[n]))
+    same = (
+        np.array_equal(a.kind[:n], b.kind[:n])
+        and np.array_equal(a.space[:n], b.space[:n])
+        and np.array_equal(a.offsets[: n + 1], b.offsets[: n + 1])
+        and np.array_equal(a.bodies[:o], b.bodies[:o])
+    )
+    if not same:
+        return None
+    return "identity" if len(a) == len(b) else "prefix"
+
+
+def _text_key(cv: CanonicalVocab, i: int, body: bytes, space_insensitive: bool) -> bytes:
+    return body if space_insensitive else (b"\x01" if cv.space[i] else b"\x00") + body
+
+
+def exact_map(teacher_cv: CanonicalVocab, student_cv: CanonicalVocab, space_insensitive: bool = False) -> np.ndarray:
+    """teacher id -> student id with the identical canonical (space, body), int32[Vt], −1 = unmapped.
+
+    Among several student ids with one form, a normal/added token wins over a byte-fallback piece, then the lowest
+    id. Special tokens map by role (teacher eos -> student eos; eot falls back to eos and back), then by identical
+    content; ids with a role follow their role even when their text would match. ``space_insensitive`` ignores
+    the leading-space flag (a same-flag match still wins). Identical or prefix tables give the identity map.
     """
-
-    def key(cv: CanonicalVocab, i: int) -> bytes:
-        return cv.bodies[i].replace(b" ", b"") if space_insensitive else cv.key(i)
-
-    table: dict[bytes, int] = {}
-    for j in range(len(dst) - 1, -1, -1):  # descending, so lower ids overwrite; byte pieces first, normals last
-        if dst.kind[j] == KIND_BYTE:
-            table[key(dst, j)] = j
-    for j in range(len(dst) - 1, -1, -1):
-        if dst.kind[j] != KIND_SPECIAL and dst.kind[j] != KIND_BYTE and (dst.bodies[j] or dst.space[j]):
-            table[key(dst, j)] = j
-    specials = {dst.bodies[j]: j for j in range(len(dst) - 1, -1, -1) if dst.kind[j] == KIND_SPECIAL and dst.bodies[j]}
-    out = np.full(len(src), -1, dtype=np.int32)
-    for i in range(len(src)):
-        if src.kind[i] == KIND_SPECIAL:
-            out[i] = specials.get(src.bodies[i], -1)
-        elif src.bodies[i] or src.space[i]:
-            out[i] = table.get(key(src, i), -1)
-    for role, i in src.roles.items():  # role beats content: teacher eos -> student eos
-        if role in dst.roles:
-            out[i] = dst.roles[role]
+    vt = len(teacher_cv)
+    if vocab_relation(teacher_cv, student_cv) is not None:
+        return _identity_map(teacher_cv, student_cv)
+    s_bodies = student_cv.body_list()
+    exact: dict[bytes, int] = {}
+    loose: dict[bytes, int] = {}
+    specials: dict[bytes, int] = {}
+    # descending ids, byte pieces first: later writes (lower ids, normal tokens) win
+    order = sorted(range(len(student_cv)), key=lambda j: (student_cv.kind[j] != KIND_BYTE, -j))
+    for j in order:
+        k = student_cv.kind[j]
+        if k == KIND_SPECIAL:
+            specials[s_bodies[j]] = j
+        elif k in TEXT_KINDS and (s_bodies[j] or student_cv.space[j]):
+            exact[_text_key(student_cv, j, s_bodies[j], False)] = j
+            if space_insensitive:
+                loose[s_bodies[j]] = j
+    out = np.full(vt, -1, dtype=np.int32)
+    t_bodies = teacher_cv.body_list()
+    for i in range(vt):
+        k = teacher_cv.kind[i]
+        if k == KIND_SPECIAL:
+            out[i] = specials.get(t_bodies[i], -1)
+        elif k in TEXT_KINDS and (t_bodies[i] or teacher_cv.space[i]):
+            j = exact.get(_text_key(teacher_cv, i, t_bodies[i], False), -1)
+            if j < 0 and space_insensitive:
+                j = loose.get(t_bodies[i], -1)
+            out[i] = j
+    for i, j in role_map(teacher_cv, student_cv).items():
+        out[i] = j
     return out
 
 
-def inverse_map(em: np.ndarray, v_dst: int) -> tuple[np.ndarray, Neighbours]:
-    """dst -> src from a src -> dst map: the single-valued inverse keeps the lowest src id; all preimages as CSR."""
-    src = np.flatnonzero(em >= 0)
-    dst = em[src].astype(np.int64)
+def _identity_map(teacher_cv: CanonicalVocab, student_cv: CanonicalVocab) -> np.ndarray:
+    """Same family: id -> same id over the common prefix (missing ids −1), roles still mapped by role."""
+    n = min(len(teacher_cv), len(student_cv))
+    out = np.full(len(teacher_cv), -1, dtype=np.int32)
+    out[:n] = np.arange(n, dtype=np.int32)
+    out[:n][teacher_cv.kind[:n] == KIND_MISSING] = -1
+    for i, j in role_map(teacher_cv, student_cv).items():
+        out[i] = j
+    return out
+
+
+def role_map(teacher_cv: CanonicalVocab, student_cv: CanonicalVocab) -> dict[int, int]:
+    """teacher id -> student id for every teacher id with a role the student can answer (see ROLE_FALLBACKS)."""
+    out: dict[int, int] = {}
+    for i, roles in teacher_cv.ids_with_role().items():
+        ranked = sorted(roles, key=lambda r: ROLE_PRIORITY.index(r) if r in ROLE_PRIORITY else len(ROLE_PRIORITY))
+        for role in ranked:
+            for cand in (role,) + ROLE_FALLBACKS.get(role, ()):
+                if cand in student_cv.roles:
+                    out[i] = int(student_cv.roles[cand])
+                    break
+            if i in out:
+                break
+    return out
+
+
+def exact_map_slow(teacher_cv: CanonicalVocab, student_cv: CanonicalVocab, space_insensitive: bool = False) -> np.ndarray:
+    """Reference for `exact_map`: the identity shortcut, else scan every student id for every teacher id."""
+    if vocab_relation(teacher_cv, student_cv) is not None:
+        return _identity_map(teacher_cv, student_cv)
+    out = np.full(len(teacher_cv), -1, dtype=np.int32)
+    rm = role_map(teacher_cv, student_cv)
+    for i in range(len(teacher_cv)):
+        if i in rm:
+            out[i] = rm[i]
+            continue
+        ki, bi, si = teacher_cv.kind[i], teacher_cv.body(i), bool(teacher_cv.space[i])
+        if ki == KIND_SPECIAL:
+            hits = [j for j in range(len(student_cv)) if student_cv.kind[j] == KIND_SPECIAL and student_cv.body(j) == bi]
+            out[i] = min(hits) if hits else -1
+            continue
+        if ki not in TEXT_KINDS or (not bi and not si):
+            continue
+        best = None
+        for j in range(len(student_cv)):
+            kj, bj, sj = student_cv.kind[j], student_cv.body(j), bool(student_cv.space[j])
+            if kj not in TEXT_KINDS or bj != bi or (not bj and not sj):
+                continue
+            if sj != si and not space_insensitive:
+                continue
+            rank = (sj != si, kj == KIND_BYTE, j)
+            if best is None or rank < best:
+                best = rank
+        out[i] = -1 if best is None else best[2]
+    return out
+
+
+def inverse_map(t2s: np.ndarray, v_dst: int, s2t: np.ndarray | None = None) -> InverseMap:
+    """dst -> src from a src -> dst map. All preimages are kept as CSR (ascending src ids). The single-valued
+    inverse keeps ``s2t[d]`` when that src id really maps to d (the symmetric match, e.g. the same role), else the
+    lowest src id."""
+    t2s = np.asarray(t2s)
+    src = np.flatnonzero(t2s >= 0)
+    dst = t2s[src].astype(np.int64)
+    if len(dst) and int(dst.max()) >= v_dst:
+        raise ValueError(f"map points at id {int(dst.max())} but the destination vocabulary has {v_dst} ids")
     order = np.lexsort((src, dst))
     src, dst = src[order], dst[order]
     counts = np.bincount(dst, minlength=v_dst)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    inv = np.full(v_dst, -1, dtype=np.int32)
-    first = indptr[:-1][counts > 0]
-    inv[np.flatnonzero(counts)] = src[first]
-    return inv, Neighbours(indptr, src.astype(np.int32), np.zeros(len(src), dtype=np.float32))
+    indptr = np.zeros(v_dst + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    single = np.full(v_dst, -1, dtype=np.int32)
+    has = np.flatnonzero(counts)
+    single[has] = src[indptr[has]]
+    if s2t is not None:
+        s2t = np.asarray(s2t)
+        d = np.flatnonzero((s2t >= 0) & (counts > 0))
+        agree = t2s[s2t[d]] == d
+        single[d[agree]] = s2t[d[agree]]
+    return InverseMap(single, indptr, src.astype(np.int32))
 
 
-def nd(a: bytes, b: bytes) -> float:
-    """Normalised edit distance of the reference: lev / (len(a) + len(b)); 0 when both are empty."""
+# ------------------------------------------------------------------------------------------ fuzzy neighbours
+
+
+def normalised_distance(a: str, b: str) -> float:
+    """nd(a, b) = lev(a, b) / (len(a) + len(b)); 0 when both are empty."""
     if not a and not b:
         return 0.0
-    return Levenshtein.distance(_latin(a), _latin(b)) / (len(a) + len(b))
+    return Levenshtein.distance(a, b) / (len(a) + len(b))
+
+
+def _eligible(cv: CanonicalVocab) -> np.ndarray:
+    return np.isin(cv.kind, TEXT_KINDS)
+
+
+def _lengths(texts: Sequence[str]) -> np.ndarray:
+    return np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
 
 
 def fuzzy_neighbours(
-    src: CanonicalVocab,
-    dst: CanonicalVocab,
+    src_cv: CanonicalVocab,
+    dst_cv: CanonicalVocab,
     theta: float = 0.3,
     exclude: np.ndarray | None = None,
     src_ids: np.ndarray | None = None,
-    block: int = 2048,
-    workers: int = -1,
+    workers: int = 1,
 ) -> Neighbours:
-    """For each src id without an exact match: the dst ids with nd < theta (same space flag), ranked.
+    """For every src id: the dst ids with nd(body, body) < theta and the same space flag, except ``exclude[src]``
+    (pass the exact map), ranked by distance then dst id. Special and missing ids take no part. ``src_ids``
+    restricts the rows computed (others stay empty), e.g. to ids without an exact match or seen in a store.
 
-    Length pruning: |la − lb| ≤ lev < θ(la + lb), so for each source length only a band of target lengths is
-    compared, with a rapidfuzz score cutoff; single-byte tokens can only match exactly (and are skipped).
+    Length pruning: |la − lb| ≤ lev < θ(la + lb) keeps a band of dst lengths per src length (1-character bodies
+    only match exactly), and rapidfuzz's ``score_cutoff`` stops each distance early.
     """
-    n_src = len(src)
-    wanted = np.ones(n_src, dtype=bool) if src_ids is None else np.isin(np.arange(n_src), src_ids)
-    wanted &= src.kind != KIND_SPECIAL
-    if exclude is not None:
-        wanted &= exclude < 0
-    s_len = np.array([len(b) for b in src.bodies])
-    d_len = np.array([len(b) for b in dst.bodies])
-    d_ok = (dst.kind != KIND_SPECIAL) & (d_len > 0)
-    rows: list[list[tuple[float, int]]] = [[] for _ in range(n_src)]
+    if not 0 < theta:
+        raise ValueError(f"theta must be positive, got {theta}")
+    vs = len(src_cv)
+    s_texts, d_texts = src_cv.body_texts(), dst_cv.body_texts()
+    s_len, d_len = _lengths(s_texts), _lengths(d_texts)
+    s_ok = _eligible(src_cv)
+    if src_ids is not None:
+        wanted = np.zeros(vs, dtype=bool)
+        wanted[np.asarray(src_ids, dtype=np.int64)] = True
+        s_ok &= wanted
+    d_ok = _eligible(dst_cv)
+    out_s: list[np.ndarray] = []
+    out_d: list[np.ndarray] = []
+    out_nd: list[np.ndarray] = []
     for flag in (False, True):
-        d_sel_flag = d_ok & (dst.space == flag)
-        s_sel_flag = wanted & (src.space == flag) & (s_len >= (1 if theta > 1 / 3 else 2))
-        for la in np.unique(s_len[s_sel_flag]):
-            la = int(la)
-            lo = int(np.floor(la * (1 - theta) / (1 + theta))) + 1 if theta < 1 else 1
-            hi = int(np.ceil(la * (1 + theta) / (1 - theta))) - 1 if theta < 1 else int(d_len.max())
-            d_idx = np.flatnonzero(d_sel_flag & (d_len >= max(lo, 1)) & (d_len <= hi))
-            s_idx = np.flatnonzero(s_sel_flag & (s_len == la))
-            if len(d_idx) == 0 or len(s_idx) == 0:
+        d_idx = np.flatnonzero(d_ok & (dst_cv.space == flag))
+        d_idx = d_idx[np.lexsort((d_idx, d_len[d_idx]))]  # by length, then id: a length band is one slice
+        dl_sorted = d_len[d_idx]
+        d_sorted_texts = [d_texts[j] for j in d_idx]
+        s_sel = np.flatnonzero(s_ok & (src_cv.space == flag))
+        all_lbs = np.unique(dl_sorted)
+        for la in np.unique(s_len[s_sel]).tolist():
+            rows = s_sel[s_len[s_sel] == la]
+            # lev >= |la - lb| and lev < theta (la + lb); two empty bodies are at distance 0
+            band = (np.abs(all_lbs - la) < theta * (all_lbs + la) + 1e-9) | ((all_lbs == 0) & (la == 0))
+            lbs = all_lbs[band]
+            if len(lbs) == 0:
                 continue
-            cutoff = int(np.ceil(theta * (la + hi))) - 1
-            choices = [_latin(dst.bodies[j]) for j in d_idx]
-            dl = d_len[d_idx]
-            for a in range(0, len(s_idx), block):
-                q_idx = s_idx[a : a + block]
-                queries = [_latin(src.bodies[i]) for i in q_idx]
-                m = process.cdist(queries, choices, scorer=Levenshtein.distance, score_cutoff=cutoff, dtype=np.int32, workers=workers)
+            lo = int(np.searchsorted(dl_sorted, lbs[0], side="left"))
+            hi = int(np.searchsorted(dl_sorted, lbs[-1], side="right"))
+            choices = d_sorted_texts[lo:hi]
+            c_len = dl_sorted[lo:hi]
+            cutoff = int(np.floor(theta * (la + int(lbs[-1])) + 1e-9))
+            block = max(1, _CELLS_PER_BLOCK // max(1, len(choices)))
+            for a in range(0, len(rows), block):
+                q = rows[a : a + block]
+                m = process.cdist(
+                    [s_texts[i] for i in q], choices, scorer=Levenshtein.distance, score_cutoff=cutoff, dtype=np.int32, workers=workers
+                )
                 qi, cj = np.nonzero(m <= cutoff)
                 if len(qi) == 0:
                     continue
-                dist = m[qi, cj] / (la + dl[cj])
-                keep = dist < theta
-                for q, c, d in zip(qi[keep], cj[keep], dist[keep]):
-                    rows[int(q_idx[q])].append((float(d), int(d_idx[c])))
-    indptr = np.zeros(n_src + 1, dtype=np.int64)
-    indices: list[int] = []
-    dists: list[float] = []
-    for i, r in enumerate(rows):
-        r.sort()
-        indices.extend(j for _, j in r)
-        dists.extend(d for d, _ in r)
-        indptr[i + 1] = len(indices)
-    return Neighbours(indptr, np.asarray(indices, dtype=np.int32), np.asarray(dists, dtype=np.float32))
+                den = (la + c_len[cj]).astype(np.float64)
+                nd = np.divide(m[qi, cj], den, out=np.zeros(len(qi)), where=den > 0)
+                keep = nd < theta
+                out_s.append(q[qi[keep]])
+                out_d.append(d_idx[lo + cj[keep]])
+                out_nd.append(nd[keep])
+    return _to_csr(vs, out_s, out_d, out_nd, exclude)
 
 
-def fuzzy_neighbours_slow(src: CanonicalVocab, dst: CanonicalVocab, theta: float = 0.3, exclude: np.ndarray | None = None) -> Neighbours:
-    """Reference: every pair, pure Python (tests only)."""
+def _to_csr(vs: int, out_s: list, out_d: list, out_nd: list, exclude: np.ndarray | None) -> Neighbours:
+    s = np.concatenate(out_s).astype(np.int64) if out_s else np.zeros(0, np.int64)
+    d = np.concatenate(out_d).astype(np.int64) if out_d else np.zeros(0, np.int64)
+    nd = np.concatenate(out_nd).astype(np.float64) if out_nd else np.zeros(0, np.float64)
+    if exclude is not None and len(s):
+        keep = np.asarray(exclude)[s] != d
+        s, d, nd = s[keep], d[keep], nd[keep]
+    order = np.lexsort((d, nd, s))
+    s, d, nd = s[order], d[order], nd[order]
+    indptr = np.zeros(vs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(s, minlength=vs), out=indptr[1:])
+    return Neighbours(indptr, d.astype(np.int32), nd.astype(np.float32))
+
+
+def levenshtein_py(a: str, b: str) -> int:
+    """Plain dynamic-programming edit distance (unit insert/delete/substitute), for references."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def fuzzy_neighbours_slow(
+    src_cv: CanonicalVocab, dst_cv: CanonicalVocab, theta: float = 0.3, exclude: np.ndarray | None = None, src_ids: np.ndarray | None = None
+) -> Neighbours:
+    """Reference for `fuzzy_neighbours`: every pair, pure-Python edit distance, no pruning."""
+    s_texts, d_texts = src_cv.body_texts(), dst_cv.body_texts()
+    wanted = set(range(len(src_cv))) if src_ids is None else {int(i) for i in src_ids}
     indptr, indices, dists = [0], [], []
-    for i in range(len(src)):
+    for i in range(len(src_cv)):
         row = []
-        if src.kind[i] != KIND_SPECIAL and (exclude is None or exclude[i] < 0) and len(src.bodies[i]) >= 1:
-            for j in range(len(dst)):
-                if dst.kind[j] == KIND_SPECIAL or not dst.bodies[j] or dst.space[j] != src.space[i]:
+        if i in wanted and src_cv.kind[i] in TEXT_KINDS:
+            for j in range(len(dst_cv)):
+                if dst_cv.kind[j] not in TEXT_KINDS or dst_cv.space[j] != src_cv.space[i]:
                     continue
-                d = nd(src.bodies[i], dst.bodies[j])
-                if d < theta:
-                    row.append((d, j))
+                if exclude is not None and exclude[i] == j:
+                    continue
+                a, b = s_texts[i], d_texts[j]
+                nd = 0.0 if not a and not b else levenshtein_py(a, b) / (len(a) + len(b))
+                if nd < theta:
+                    row.append((nd, j))
         row.sort()
         indices += [j for _, j in row]
         dists += [d for d, _ in row]
@@ -158,37 +335,86 @@ def fuzzy_neighbours_slow(src: CanonicalVocab, dst: CanonicalVocab, theta: float
     return Neighbours(np.asarray(indptr, np.int64), np.asarray(indices, np.int32), np.asarray(dists, np.float32))
 
 
-def mined_map(src: CanonicalVocab, dst: CanonicalVocab, em: np.ndarray | None = None, workers: int = -1) -> np.ndarray:
-    """MinED: nearest dst token by raw edit distance of the bodies (spaces ignored) for every src id.
+def pair_keys(csr: Neighbours, v_dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training-time lookup table of a neighbour CSR: sorted int64 keys ``src * v_dst + dst`` and their distances
+    (float32), for `searchsorted` on device (method notes §8.4)."""
+    counts = np.diff(csr.indptr)
+    src = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    keys = src * np.int64(v_dst) + csr.indices.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], csr.dist[order].astype(np.float32)
 
-    Exact matches first (from `em` when given); ties go to the lowest dst id; specials keep their exact map (or −1).
+
+# ------------------------------------------------------------------------------------------ MinED
+
+
+def _mined_texts(cv: CanonicalVocab) -> list[str]:
+    """MinED strings: body text with every space removed (DSKD strips the tokenizer's space marker everywhere)."""
+    return [t.replace(" ", "") for t in cv.body_texts()]
+
+
+def mined_map(src_cv: CanonicalVocab, dst_cv: CanonicalVocab, em: np.ndarray | None = None, workers: int = 1) -> np.ndarray:
+    """MinED static map src -> dst (int32[Vsrc]): the exact map where it exists (specials by role), else the dst
+    token at the smallest raw edit distance of space-stripped bodies, ties to the lowest dst id. Specials and
+    missing ids without an exact counterpart stay −1. DSKD's direction is student -> teacher: swap the arguments.
+
+    Search: per src length, growing cutoffs c = 1, 2, 4, ... over the dst length band |lb − la| ≤ c; a row whose
+    minimum is ≤ c is final (no dst outside the band can be closer), the rest go to the next round.
     """
-    em = exact_map(src, dst) if em is None else em
-    out = em.astype(np.int32).copy()
-    d_ok = np.flatnonzero((dst.kind != KIND_SPECIAL) & np.array([len(b) > 0 for b in dst.bodies]))
-    choices = [_latin(dst.bodies[j].replace(b" ", b"")) for j in d_ok]
-    todo = np.flatnonzero((out < 0) & (src.kind != KIND_SPECIAL))
-    if len(todo) == 0 or len(choices) == 0:
+    out = (exact_map(src_cv, dst_cv) if em is None else np.asarray(em)).astype(np.int32).copy()
+    s_texts, d_texts = _mined_texts(src_cv), _mined_texts(dst_cv)
+    d_idx = np.flatnonzero(_eligible(dst_cv))
+    if len(d_idx) == 0:
         return out
-    queries = [_latin(src.bodies[i].replace(b" ", b"")) for i in todo]
-    for a in range(0, len(todo), 1024):
-        m = process.cdist(queries[a : a + 1024], choices, scorer=Levenshtein.distance, dtype=np.int32, workers=workers)
-        out[todo[a : a + 1024]] = d_ok[np.argmin(m, axis=1)]  # argmin = first minimum = lowest dst id
+    d_len = _lengths(d_texts)
+    d_idx = d_idx[np.lexsort((d_idx, d_len[d_idx]))]
+    dl_sorted = d_len[d_idx]
+    d_sorted_texts = [d_texts[j] for j in d_idx]
+    todo = np.flatnonzero((out < 0) & _eligible(src_cv))
+    s_len = _lengths(s_texts)
+    max_len = int(max(dl_sorted[-1], s_len[todo].max() if len(todo) else 0))
+    for la in np.unique(s_len[todo]).tolist():
+        rows = todo[s_len[todo] == la]
+        c = 1
+        while len(rows):
+            final = c >= max_len
+            lo = 0 if final else int(np.searchsorted(dl_sorted, la - c, side="left"))
+            hi = len(d_idx) if final else int(np.searchsorted(dl_sorted, la + c, side="right"))
+            choices, ids = d_sorted_texts[lo:hi], d_idx[lo:hi]
+            left: list[np.ndarray] = []
+            block = max(1, _CELLS_PER_BLOCK // max(1, len(choices)))
+            for a in range(0, len(rows), block):
+                q = rows[a : a + block]
+                if not choices:
+                    left.append(q)
+                    continue
+                m = process.cdist(
+                    [s_texts[i] for i in q], choices, scorer=Levenshtein.distance,
+                    score_cutoff=None if final else c, dtype=np.int32, workers=workers,
+                )
+                best = m.min(axis=1)
+                done = best <= c if not final else np.ones(len(q), dtype=bool)
+                cand = np.where(m == best[:, None], ids[None, :], np.iinfo(np.int64).max)
+                out[q[done]] = cand[done].min(axis=1)
+                left.append(q[~done])
+            rows = np.concatenate(left) if left else rows[:0]
+            c *= 2
     return out
 
 
-def mined_map_slow(src: CanonicalVocab, dst: CanonicalVocab) -> np.ndarray:
-    em = exact_map(src, dst)
-    out = em.copy()
-    for i in range(len(src)):
-        if out[i] >= 0 or src.kind[i] == KIND_SPECIAL:
+def mined_map_slow(src_cv: CanonicalVocab, dst_cv: CanonicalVocab) -> np.ndarray:
+    """Reference for `mined_map`: scan every dst id with a pure-Python edit distance."""
+    out = exact_map_slow(src_cv, dst_cv)
+    s_texts, d_texts = _mined_texts(src_cv), _mined_texts(dst_cv)
+    for i in range(len(src_cv)):
+        if out[i] >= 0 or src_cv.kind[i] not in TEXT_KINDS:
             continue
-        best, best_j = None, -1
-        for j in range(len(dst)):
-            if dst.kind[j] == KIND_SPECIAL or not dst.bodies[j]:
+        best = None
+        for j in range(len(dst_cv)):
+            if dst_cv.kind[j] not in TEXT_KINDS:
                 continue
-            d = Levenshtein.distance(_latin(src.bodies[i].replace(b" ", b"")), _latin(dst.bodies[j].replace(b" ", b"")))
-            if best is None or d < best:
-                best, best_j = d, j
-        out[i] = best_j
+            d = levenshtein_py(s_texts[i], d_texts[j])
+            if best is None or d < best[0]:
+                best = (d, j)
+        out[i] = -1 if best is None else best[1]
     return out

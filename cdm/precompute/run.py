@@ -257,18 +257,26 @@ def run(
     url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
     data_fp = manifest["data"]["fingerprint"]
 
+    def make_runner() -> Any:
+        return _make_backend(backend, source, top_k=top_k, vocab_size=vocab_size, dtype=torch_dtype, device=dev,
+                             batch_tokens=batch_tokens, memory_budget=memory_budget_mb * 2**20,
+                             max_length=max_length, pad_id=tok.pad_token_id or 0, options=backend_options)
+
     existing = TeacherStore.read_manifest(url)
     if existing is not None and existing.get("key") == key and existing.get("complete"):
         report = "store is complete; nothing to do\n" + store_summary(existing, url)
         say(report)
         return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
 
+    runner = None
     codec_params: dict[str, Any] = {}
     if id_table:
         if existing is not None and existing.get("key") == key:  # reuse the store's table: all shards share one
             codec_params = dict(existing["codec"].get("params", {}))
         else:
-            codec_params = {"id_table": calibrate_id_table(ds, n_rows, fmt, render, tok, add_special, id_table)}
+            runner = make_runner()
+            codec_params = {"id_table": calibrate_id_table(ds, n_rows, fmt, render, tok, add_special, max_length,
+                                                           runner, id_table)}
     writer = TeacherStoreWriter(url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size,
                                 num_shards=n_shards, shard_index=shard, codec=codec, codec_params=codec_params,
                                 commit_tokens=commit_tokens, tokenizer_json=_tokenizer_json(tok))
@@ -276,9 +284,7 @@ def run(
     computed = bool(todo)
     tokens_run = 0
     if todo:
-        runner = _make_backend(backend, source, top_k=top_k, vocab_size=vocab_size, dtype=torch_dtype, device=dev,
-                               batch_tokens=batch_tokens, memory_budget=memory_budget_mb * 2**20,
-                               max_length=max_length, pad_id=tok.pad_token_id or 0, options=backend_options)
+        runner = runner or make_runner()
         say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
         try:
             tokens_run = _process(ds, todo, writer, runner, fmt, render, tok, add_special, max_length, truncation,
@@ -329,13 +335,17 @@ def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, pat
 
 
 def calibrate_id_table(ds: Any, n_rows: int, fmt: RecordFormat, render: Any, tok: Any, add_special: bool,
-                       size: int, calib_rows: int = 256) -> list[int]:
-    """An id table for the codec (frequent ids get small codes): the `size` most frequent token ids of the first
-    `calib_rows` input rows. Deterministic from data + tokenizer, so every shard worker fits the same table."""
+                       max_length: int, runner: Any, size: int, calib_rows: int = 32) -> list[int]:
+    """An id table for the codec (frequent top-k ids get small codes): the `size` most frequent ids in the
+    teacher's top-k over the first `calib_rows` input rows. The same rows and batches in every shard worker give
+    the same table; a worker that finds the store already created reuses the table from its manifest instead."""
     from cdm.storage.topk_codec import fit_id_table
 
-    encs, _ = _prepare(ds, list(range(min(calib_rows, n_rows))), fmt, render, tok, add_special, 1 << 30, "truncate")
-    ids = np.concatenate([e.token_ids for _, e in encs]) if encs else np.zeros(0, dtype=np.int64)
+    encs, _ = _prepare(ds, list(range(min(calib_rows, n_rows))), fmt, render, tok, add_special, max_length, "truncate")
+    if not encs:
+        return []
+    results = runner.run([np.asarray(e.token_ids) for _, e in encs])
+    ids = np.concatenate([r.ids.cpu().numpy().reshape(-1) for r in results])
     return fit_id_table(ids.astype(np.int64), size=size)
 
 

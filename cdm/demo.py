@@ -329,12 +329,12 @@ def run_demo(
         res = precompute(str(teacher_dir), str(data), str(t_path), top_k=top_k, prompt_field="prompt",
                          response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
                          progress=progress, echo=say)
-        pre = {"url": res.url, "key": res.key}
+        pre = {"key": res.key}
         _mark_finished(t_path, pre)
     else:
         say(f"cdm demo [1/3] precompute: reusing the finished teacher store {t_path}")
     stages["precompute"].seconds = time.perf_counter() - t0
-    info = store_info(pre["url"])
+    info = store_info(str(t_path))
 
     # 2. map to the student tokenizer
     t0 = time.perf_counter()
@@ -344,9 +344,9 @@ def run_demo(
     stages["build-map"] = StageInfo(str(m_path), bm is None, 0.0)
     if bm is None:
         say("cdm demo [2/3] build-map: align the store to the Mistral SentencePiece tokenizer")
-        res = build_map(pre["url"], student_tok, str(m_path), cache_dir=vocab_cache or str(root / "cache"),
+        res = build_map(str(t_path), student_tok, str(m_path), cache_dir=vocab_cache or str(root / "cache"),
                         progress=progress, log=say)
-        bm = {"url": res.url, "key": res.key, "report": res.report}
+        bm = {"key": res.key, "report": res.report}
         _mark_finished(m_path, bm)
         say(format_report(bm["report"]))
     else:
@@ -366,7 +366,7 @@ def run_demo(
     evals: dict[str, tuple[dict, dict]] = {}
     for i, (loss, name) in enumerate(ARMS):
         say(f"cdm demo [3/3] train {i + 1}/{len(ARMS)}: --loss {loss}")
-        stage, start, final = _train_arm(cfg, loss, root / name, pre["url"], bm["url"], cfg_path, student_tok, heldout,
+        stage, start, final = _train_arm(cfg, loss, root / name, str(t_path), str(m_path), cfg_path, student_tok, heldout,
                                          {**train_params, "loss": loss}, say)
         stages[f"train {loss}"] = stage
         evals[loss] = (start, final)

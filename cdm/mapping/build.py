@@ -35,6 +35,7 @@ from cdm.storage.teacher import TeacherSequence, TeacherStore
 
 ALIGN_MODES = ("offsets", "dtw", "mined")
 MAP_FORMAT_TAG = "cdm-map-v1"
+VOCAB_DONE = "vocab.done"  # marker written after every vocab/ array, so a build killed mid-save redoes them
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +54,15 @@ class BuildOptions:
 # ------------------------------------------------------------------------------------------ vocabulary side
 
 
+def tokenizer_identity(tok: Any) -> str:
+    """sha256 of the tokenizer.json hash and the roles travelling with it (``cdm_roles``): roles come from files
+    beside tokenizer.json or from the teacher store's manifest, so one JSON can carry different eos/bos tokens."""
+    roles = {str(k): (v if isinstance(v, str) else int(v)) for k, v in (getattr(tok, "cdm_roles", None) or {}).items()}
+    return hashlib.sha256(json.dumps([tokenizer_hash(tok), roles], sort_keys=True).encode()).hexdigest()
+
+
 def vocab_key(t_hash: str, s_hash: str, opts: BuildOptions) -> str:
+    """Cache key of a pair's vocabulary maps (pass `tokenizer_identity` values, so roles count)."""
     blob = json.dumps([MAP_FORMAT_TAG, t_hash, s_hash, opts.theta, opts.space_insensitive], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -94,7 +103,7 @@ def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, l
 
 def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: Path, log: Callable[[str], None] = print) -> VocabMaps:
     """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically."""
-    key = vocab_key(tokenizer_hash(teacher_tok), tokenizer_hash(student_tok), opts)
+    key = vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts)
     path = cache_dir / "vocab-maps" / key
     loc = Location(str(path))
     if loc.exists("done"):
@@ -113,6 +122,12 @@ def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, ca
 
         shutil.rmtree(tmp, ignore_errors=True)
     return maps
+
+
+def recorded_location(path: str) -> str:
+    """How a path is recorded in a manifest: absolute when local (so `cdm inspect` works from any directory),
+    URLs as given."""
+    return path if "://" in str(path) else os.path.abspath(path)
 
 
 def teacher_roles(manifest: dict[str, Any]) -> dict[str, str]:
@@ -326,10 +341,13 @@ def build_map(
     t_vocab = teacher_tok.get_vocab_size(with_added_tokens=True)
     if t_vocab > tstore.vocab_size:
         raise StoreError(f"{store}: tokenizer.json has {t_vocab} tokens but the store's vocab_size is {tstore.vocab_size}")
-    key = hashlib.sha256(json.dumps([MAP_FORMAT_TAG, tstore.key, s_hash, align, theta, space_insensitive, opts.student_weight]).encode()).hexdigest()[:24]
+    s_roles = dict(getattr(student_tok, "cdm_roles", None) or {})
+    key_parts = [MAP_FORMAT_TAG, tstore.key, s_hash, s_roles, align, theta, space_insensitive, opts.student_weight]
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:24]
     manifest = {
-        "teacher_store": {"key": tstore.key, "url": tstore.url, "k": tstore.k, "vocab_size": tstore.vocab_size},
-        "student": {"tokenizer": str(student_tokenizer), "tokenizer_hash": s_hash, "vocab_size": student_tok.get_vocab_size(with_added_tokens=True)},
+        "teacher_store": {"key": tstore.key, "url": recorded_location(store), "k": tstore.k, "vocab_size": tstore.vocab_size},
+        "student": {"tokenizer": recorded_location(student_tokenizer), "tokenizer_hash": s_hash, "roles": s_roles,
+                    "vocab_size": student_tok.get_vocab_size(with_added_tokens=True)},
         "alignment": {
             "mode": align,
             "convention": "teacher_row[j] predicts the same continuation as student position j (last-token pairing)",
@@ -340,7 +358,7 @@ def build_map(
     }
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     maps = cached_vocab_maps(teacher_tok, student_tok, opts, cache, log)
-    maps_path = str(cache / "vocab-maps" / vocab_key(tokenizer_hash(teacher_tok), s_hash, opts))
+    maps_path = str(cache / "vocab-maps" / vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts))
     shards = tstore.reader.shards
     starts = tstore.reader._shard_starts
     total = Diagnostics()
@@ -349,8 +367,9 @@ def build_map(
     pool = None
     for si, shard in enumerate(shards):
         writer = MapStoreWriter(out, key=key, manifest=manifest, num_shards=len(shards), shard_index=si)
-        if si == 0 and not writer.loc.exists("vocab", "zarr.json"):
-            maps.save(writer.loc, "vocab")
+        if si == 0 and not writer.loc.exists(VOCAB_DONE):
+            maps.save(writer.loc, "vocab")  # rewrites a half-written vocab/ left by a killed run
+            writer.loc.write_bytes(b"ok\n", VOCAB_DONE)
         if writer.complete:
             continue
         computed = True

@@ -91,7 +91,8 @@ def write_teacher_store(
 ) -> None:
     """Write `seqs` as a teacher store (shard = source_index % num_shards) holding the tokenizer's JSON; `roles`
     = the bos/eos/pad/unk strings precompute records in the manifest."""
-    manifest = {"teacher": {"name": "tiny", "tokenizer": dict(roles or {})}, "capture": {"engine": "test"}, "data": {"source": "pydoc"}}
+    manifest = {"teacher": {"name": "tiny", "tokenizer": dict(roles or {})}, "capture": {"engine": "test"},
+                "data": {"source": "pydoc"}}
     for shard in range(num_shards):
         w = TeacherStoreWriter(
             url, key=key, manifest=manifest, k=k, vocab_size=tok.get_vocab_size(with_added_tokens=True),

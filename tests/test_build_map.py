@@ -46,7 +46,9 @@ def regex_tokenizer(pieces: list[str]) -> Tokenizer:
     return tok
 
 
-def hand_sequence(text: str, pieces: list[str], response: list[tuple[int, int]], entropy: list[float] | None = None) -> TeacherSequence:
+def hand_sequence(
+    text: str, pieces: list[str], response: list[tuple[int, int]], entropy: list[float] | None = None
+) -> TeacherSequence:
     ends = np.cumsum([len(p) for p in pieces])
     spans = np.stack([ends - [len(p) for p in pieces], ends], axis=1).astype(np.int32)
     assert "".join(pieces) == text
@@ -89,6 +91,19 @@ def test_map_sequence_offsets_hand_vector():
     # the prompt's own boundaries make no KD rows; a region inside a group gives none either
     assert B.map_sequence(hand_sequence("Hello world!", HELLO_T, [(6, 12)]), 0, student, opts).teacher_row.tolist() == [-1, -1, -1, 2]
     assert B.map_sequence(hand_sequence("Hello world!", HELLO_T, [(6, 8)]), 0, student, opts).teacher_row.tolist() == [-1, -1, -1, -1]
+
+
+def test_map_sequence_several_response_regions():
+    """Chat data has one trained span per assistant turn: pairs and loss mask are the union over the regions."""
+    student = regex_tokenizer(HELLO_S)
+    t = hand_sequence("Hello world!", HELLO_T, [(0, 5), (11, 12)])
+    m = B.map_sequence(t, 0, student, B.BuildOptions(align="offsets"))
+    assert m.loss_mask.tolist() == [True, True, False, False]  # tokens starting at 0 and 3; none starts at 11
+    assert m.teacher_row.tolist() == [-1, 0, -1, 2]  # e = 5 closes region 1, e = 12 region 2; 11 is not common
+    tcv, scv = canonical_vocab(regex_tokenizer(HELLO_T)), canonical_vocab(student)
+    d = B.map_sequence(t, 0, student, B.BuildOptions(align="mined"), tcv, scv)
+    # region 1: Hello vs Hel|lo (no 1-1 pair); region 2: ! vs ld! (one token each, a 1-1 pair)
+    assert d.teacher_row.tolist() == [-1, -1, -1, 2]
 
 
 def test_map_sequence_empty_response_and_one_token():
@@ -139,6 +154,14 @@ def test_map_sequence_dtw_and_mined_use_the_response_tokens():
     mm = B.map_sequence(t, 0, student, B.BuildOptions(align="mined"), tcv, scv)
     assert mm.teacher_row.tolist() == _expected_dtw_rows(HELLO_T, HELLO_S, [1] * 3, [1] * 4, True) == [-1, -1, 1, 2]
     assert set(mm.align_kind[mm.teacher_row >= 0].tolist()) == {A.ONE_ONE}
+    # entropy weights move the path: teacher a|bc (entropy 2.0, 0.1 -> w 5, 3) vs student a|b|c puts b with bc;
+    # unit weights (MinED) put b with a
+    abc = hand_sequence("abc", ["a", "bc"], [(0, 3)], [2.0, 0.1])
+    a_b_c, a_bc = regex_tokenizer(["a", "b", "c"]), regex_tokenizer(["a", "bc"])
+    w = B.map_sequence(abc, 0, a_b_c, B.BuildOptions(align="dtw"), canonical_vocab(a_bc), canonical_vocab(a_b_c))
+    assert w.teacher_row.tolist() == [0, -1, 1] and w.align_kind.tolist() == [A.ONE_ONE, A.UNALIGNED, A.ONE_N]
+    u = B.map_sequence(abc, 0, a_b_c, B.BuildOptions(align="mined"), canonical_vocab(a_bc), canonical_vocab(a_b_c))
+    assert u.teacher_row.tolist() == [-1, -1, 1]
     # a response region: only tokens overlapping it take part, rows are global positions
     r = B.map_sequence(hand_sequence("Hello world!", HELLO_T, [(5, 12)], ent), 0, student, B.BuildOptions(align="dtw"), tcv, scv)
     local = _expected_dtw_rows(HELLO_T[1:], HELLO_S[2:], A.entropy_weights(np.array(ent[1:])), [4, 4])
@@ -160,7 +183,8 @@ def tiny(tmp_path_factory, tiny_bytelevel, tiny_sentencepiece, tiny_wordpiece):
     bos, eos = t_tok.token_to_id("<|im_start|>"), t_tok.token_to_id("<|endoftext|>")
     for i, (text, resp) in enumerate(tiny_corpus()):
         special = i % 3 == 0
-        seqs.append(teacher_sequence(t_tok, text, i, rng, k=8, response=resp, bos=bos if special else None, eos=eos if special else None))
+        ends = {"bos": bos, "eos": eos} if special else {}
+        seqs.append(teacher_sequence(t_tok, text, i, rng, k=8, response=resp, **ends))
     seqs.append(teacher_sequence(t_tok, "x", len(seqs), rng, k=8, response=(0, 1)))
     store = str(root / "teacher")
     write_teacher_store(store, t_tok, seqs, k=8, num_shards=2, roles=ROLES)
@@ -293,10 +317,7 @@ def test_build_map_content_and_report(tiny, tmp_path, mode):
 
 def test_build_map_rerun_is_a_no_op(tiny, clean_map):
     out, first = clean_map
-    def snapshot():
-        return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
-
-    before = snapshot()
+    before = _snapshot(out)
     again = _build(tiny, out)
     assert first.computed and not again.computed
     assert again.report == first.report and again.key == first.key
@@ -324,8 +345,8 @@ def test_resume_after_sigkill_gives_the_same_map_store(tiny, clean_map, tmp_path
     # batches of 3 are committed together. First kill: the 8th add, in shard 0 after two committed batches (6).
     # Second kill: the rerun finishes shard 0 (n0 - 6 adds), then dies on the 5th add of shard 1 (3 committed).
     for k in (8, (n0 - 6) + 5):
-        p = subprocess.run([sys.executable, "-c", child, tiny["store"], tiny["student"], str(out), str(k), str(tiny["root"] / "cache")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        argv = [tiny["store"], tiny["student"], str(out), str(k), str(tiny["root"] / "cache")]
+        p = subprocess.run([sys.executable, "-c", child, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         assert not (out / "report.json").exists()
         with pytest.raises(StoreError):
@@ -358,7 +379,8 @@ def test_kill_while_writing_the_vocabulary_maps_then_resume(tiny, clean_map, tmp
         "        zarr.Group.create_array = create\n"
         "    return orig_save(self, loc, *parts)\n"
         "store.VocabMaps.save = save\n"
-        "build.build_map(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, cache_dir=sys.argv[4], progress=False, log=lambda m: None)\n"
+        "build.build_map(sys.argv[1], sys.argv[2], sys.argv[3], workers=1, cache_dir=sys.argv[4], progress=False,\n"
+        "                log=lambda m: None)\n"
     )
     p = subprocess.run([sys.executable, "-c", child, tiny["store"], tiny["student"], str(out), str(tiny["root"] / "cache")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -397,7 +419,8 @@ def test_mismatched_store_or_tokenizer_is_refused(tiny, clean_map, tmp_path, tin
     # the same --out for another student tokenizer: refused, nothing touched
     before = _snapshot(out)
     with pytest.raises(StoreError, match="key"):
-        B.build_map(tiny["store"], tiny["other"], str(out), workers=1, cache_dir=str(tiny["root"] / "cache"), progress=False, log=lambda m: None)
+        B.build_map(tiny["store"], tiny["other"], str(out), workers=1, cache_dir=str(tiny["root"] / "cache"), progress=False,
+                    log=lambda m: None)
     assert _snapshot(out) == before
 
 

@@ -75,11 +75,13 @@ def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, l
     em_t2s = VM.exact_map(tcv, scv, space_insensitive=opts.space_insensitive)
     em_s2t = VM.exact_map(scv, tcv, space_insensitive=opts.space_insensitive)
     log(f"  exact maps: {(em_t2s >= 0).mean():.1%} of teacher ids, {(em_s2t >= 0).mean():.1%} of student ids ({time.time() - t0:.1f}s)")
-    f_t2s = VM.fuzzy_neighbours(tcv, scv, theta=opts.theta, exclude=em_t2s)
-    f_s2t = VM.fuzzy_neighbours(scv, tcv, theta=opts.theta, exclude=em_s2t)
+    # neighbours only for ids without an exact match: the dynamic map uses exact matches first (both directions)
+    w = max(1, opts.workers)
+    f_t2s = VM.fuzzy_neighbours(tcv, scv, theta=opts.theta, exclude=em_t2s, src_ids=np.flatnonzero(em_t2s < 0), workers=w)
+    f_s2t = VM.fuzzy_neighbours(scv, tcv, theta=opts.theta, exclude=em_s2t, src_ids=np.flatnonzero(em_s2t < 0), workers=w)
     log(f"  fuzzy tables (theta={opts.theta}): {len(f_t2s.indices)} + {len(f_s2t.indices)} pairs ({time.time() - t0:.1f}s)")
-    mined_t2s = VM.mined_map(tcv, scv)
-    mined_s2t = VM.mined_map(scv, tcv)
+    mined_t2s = VM.mined_map(tcv, scv, em=em_t2s, workers=w)
+    mined_s2t = VM.mined_map(scv, tcv, em=em_s2t, workers=w)
     log(f"  MinED maps ({time.time() - t0:.1f}s)")
     return VocabMaps(
         teacher_vocab_size=len(tcv),

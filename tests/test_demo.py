@@ -148,7 +148,7 @@ def test_first_eval_picks_step_zero():
 
 def _result(**over) -> DemoResult:
     base = dict(
-        config={"out": "/x", "steps": 60, "lr": 2e-3, "kd_weight": 0.5, "seed": 0, "student_vocab": 32000},
+        config={"out": "/x", "steps": 60, "lr": 2e-3, "kd_weight": 0.5, "tail_bucket": True, "seed": 0, "student_vocab": 32000},
         rows=120, heldout_rows=12, teacher_tokens=30123,
         store={"k": 16, "vocab_size": 49152, "bytes_on_disk": 3 * 2**20, "bytes_per_token": 104.4},
         report={"aligned_share": 0.9312, "topk_mass_exact_share": 0.8, "topk_mass_fuzzy_share": 0.05, "topk_mass_per_row": 0.93},
@@ -165,7 +165,8 @@ def test_format_table_hand_worked():
     assert "93.1% of student response positions" in t
     assert "85.0% (exact 80.0%, fuzzy 5.0%; top-k holds 93.0%)" in t
     assert re.search(r"3\.7500\s+2\.5000\s+2\.4500\s+\(CE\+CDM - SFT: -0\.0500\)", t)
-    assert "108 train / 12 held out" in t and "30,123 teacher tokens" in t
+    assert "108 train / 12 held out" in t and "30,123 teacher tokens" in t and "kd-weight 0.5, tail bucket" in t
+    assert "tail bucket" not in format_table(_result(config={**_result().config, "tail_bucket": False}))
     assert "precompute 241 s" in t and "build-map reused" in t
 
 
@@ -202,16 +203,15 @@ CLI = ["--rows", "10", "--steps", "3", "--top-k", "4", "--student-hidden", "64",
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path, request):
+def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     _needs_assets()
-    vocab = str(request.config.cache.mkdir("cdm-vocab-maps"))  # SmolLM2 x Mistral maps: computed once per checkout
     import typer
     from typer.testing import CliRunner
 
     from cdm.demo import demo_command, run_demo
 
     out = tmp_path / "demo"
-    first = run_demo(str(out), progress=False, vocab_cache=vocab, echo=lambda s: None, **TINY)
+    first = run_demo(str(out), progress=False, echo=lambda s: None, **TINY)
     assert first.rows == 10 and first.heldout_rows == 1
     assert {k: s.computed for k, s in first.stages.items() if k != "setup"} == {
         "precompute": True, "build-map": True, "train ce": True, "train ce+cdm": True}
@@ -239,7 +239,7 @@ def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path, request):
     assert sorted(p for p in after if after[p] != before.get(p) and not p.endswith("results.json")) == []
 
     # more steps: only the students are trained again; the teacher store and the map are reused
-    third = run_demo(str(out), progress=False, vocab_cache=vocab, echo=lambda s: None, **{**TINY, "steps": 4})
+    third = run_demo(str(out), progress=False, echo=lambda s: None, **{**TINY, "steps": 4})
     assert {k: s.computed for k, s in third.stages.items() if k != "setup"} == {
         "precompute": False, "build-map": False, "train ce": True, "train ce+cdm": True}
     assert third.bpb["before"] == pytest.approx(first.bpb["before"], rel=1e-5)

@@ -193,11 +193,13 @@ def run(
     progress: bool = True,
     backend_options: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
+    data_cache_dir: str | None = None,
 ) -> PrecomputeResult:
     """Compute the teacher's top-k signal for every input row of this shard into a teacher store.
 
     `out` is the store path/URL; without it the store lives under ``<cache_dir>/stores/<key[:24]>`` so runs
     that need the same signal share it. Re-running resumes; a finished store is a no-op. Returns what was done.
+    `data_cache_dir` is where `datasets` keeps its Arrow cache of the input files (default: its own).
     """
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, file=sys.stderr))
@@ -240,7 +242,7 @@ def run(
     add_special = (fmt.kind != "chat") if add_special_tokens is None else bool(add_special_tokens)
 
     # data
-    ds = load_records(paths, split=split)
+    ds = load_records(paths, split=split, cache_dir=data_cache_dir)
     check_columns(ds, fmt)
     ds = ds.select_columns(fmt.fields)
     n_rows = len(ds) if limit is None else min(int(limit), len(ds))

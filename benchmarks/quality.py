@@ -5,8 +5,8 @@ same small Llama student from scratch with the Mistral SentencePiece tokenizer, 
 order; only the loss differs:
 
     ce               CE only (the baseline every difference is taken against)
-    cdm_offsets      ce+cdm, offset-exact alignment (cdm's default)
-    cdm_dtw          ce+cdm, entropy-weighted DTW alignment (reference-style)
+    cdm_offsets      ce+cdm, offset-exact alignment (cdm's default), columns-only KL (no tail bucket, the paper's)
+    cdm_dtw          ce+cdm, entropy-weighted DTW alignment (reference-style), no tail bucket
     mined            ce+mined (MinED alignment + static min-edit-distance map)
     uld              ce+uld (sorted-probability L1, index-paired rows)
     control_unigram  ce+kl from a *unigram "teacher"*: every row holds the training-set unigram distribution
@@ -373,6 +373,7 @@ def do_run(arm: str, seed: int, lr: float, st: Settings, paths: dict[str, str], 
         store=paths["teacher"], map=map_url, out=str(out), student_config=paths[f"config_{tok_side}"],
         student_tokenizer=tok, dual_store=dual_url, loss=loss, kd_weight=st.kd_weight, temperature=st.temperature,
         lr=lr, warmup_steps=st.warmup_steps, max_steps=st.steps, seed=seed,
+        tail_bucket=False,  # the recorded cdm arms are columns-only unless ARM_OPTIONS says so (cdm_offsets_tail)
         loader=D.LoaderConfig(batch_size=st.batch_size, max_length=st.max_length, kd_topk=st.kd_topk, seed=seed),
         eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False)
     cfg = TrainConfig(**{**kw, **ARM_OPTIONS.get(arm, {})})

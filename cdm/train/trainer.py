@@ -64,7 +64,7 @@ class TrainConfig:
     temperature: float = 1.0
     student_topk: int | None = None  # live student top-k of the dynamic map (None: the teacher's K)
     theta: float | None = None  # fuzzy threshold (None: the map store's θ)
-    tail_bucket: bool = False
+    tail_bucket: bool = True  # CDM only: unmapped teacher mass as one bucket (benchmarks/RESULTS.md, "Quality")
     reverse: bool = False
     kl_tail: bool = True
     lr: float = 3e-4
@@ -119,7 +119,7 @@ class Objective:
     temperature: float = 1.0
     student_topk: int | None = None
     theta: float = 0.3
-    tail_bucket: bool = False
+    tail_bucket: bool = True  # same default as TrainConfig
     reverse: bool = False
     kl_tail: bool = True
 

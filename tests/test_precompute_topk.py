@@ -10,7 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdm.precompute.topk import entropy_lower_bound, rows_per_chunk, topk_stats
+from cdm.precompute import topk as topk_mod
+from cdm.precompute.topk import entropy_lower_bound, rows_per_chunk, topk_stats, topk_stats_async
+
+IMPLS = ["eager", "compiled"]
 
 
 def reference(logits: np.ndarray, k: int):
@@ -20,15 +23,16 @@ def reference(logits: np.ndarray, k: int):
     lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
     lp = x - lse[:, None]
     p = np.exp(lp)
-    ent = -np.where(p > 0, p * lp, 0.0).sum(-1)
+    ent = -np.where(p > 0, p * np.where(p > 0, lp, 0.0), 0.0).sum(-1)
     order = np.lexsort((np.broadcast_to(np.arange(x.shape[1]), x.shape), -lp), axis=-1)[:, :k]
     return order, np.take_along_axis(lp, order, -1), lse, ent, lp
 
 
-def test_hand_vector():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hand_vector(impl):
     # logits [0, ln 2, ln 2, -inf]: p = [1/5, 2/5, 2/5, 0]
     x = torch.tensor([[0.0, math.log(2), math.log(2), -math.inf]])
-    r = topk_stats(x, 3)
+    r = topk_stats(x, 3, impl=impl)
     assert r.ids.tolist() == [[1, 2, 0]]  # the tie 1/2 broken by id
     np.testing.assert_allclose(r.logprobs[0].numpy(), np.log([0.4, 0.4, 0.2]), atol=1e-6)
     assert r.logsumexp.item() == pytest.approx(math.log(5), abs=1e-6)
@@ -39,11 +43,15 @@ def test_hand_vector():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 12), v=st.integers(2, 300), k=st.integers(1, 300),
-       scale=st.sampled_from([0.1, 3.0, 30.0]), budget=st.sampled_from([1, 4096, 2**20]))
-def test_matches_float64_reference(seed, n, v, k, scale, budget):
+       scale=st.sampled_from([0.1, 3.0, 30.0]), budget=st.sampled_from([1, 4096, 2**20]),
+       impl=st.sampled_from(IMPLS), neg_inf=st.booleans())
+def test_matches_float64_reference(seed, n, v, k, scale, budget, impl, neg_inf):
     k = min(k, v)
-    x = (np.random.default_rng(seed).standard_normal((n, v)) * scale).astype(np.float32)
-    r = topk_stats(torch.from_numpy(x), k, memory_budget=budget)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * scale).astype(np.float32)
+    if neg_inf and v > k:  # masked-out vocabulary entries (-inf logits) contribute nothing, never NaN
+        x[:, rng.choice(v, size=v - k, replace=False)[: max(1, (v - k) // 2)]] = -np.inf
+    r = topk_stats(torch.from_numpy(x), k, memory_budget=budget, impl=impl)
     ids, lp, lse, ent, full = reference(x, k)
     np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(r.logsumexp.numpy(), lse, atol=2e-5, rtol=1e-6)
@@ -55,20 +63,21 @@ def test_matches_float64_reference(seed, n, v, k, scale, budget):
     mask = np.ones_like(full, dtype=bool)
     np.put_along_axis(mask, got, False, -1)
     rest = np.where(mask, full, -np.inf).max(-1)
-    assert np.all(chosen.min(-1) >= rest - 1e-5)
+    assert np.all(chosen.min(-1) >= rest - 1e-5) and np.all(np.isfinite(r.entropy.numpy()))
     assert all(len(set(row)) == k for row in got.tolist())
     # away from near-ties the ids equal the reference exactly
-    exact = np.abs(np.diff(np.sort(full, -1), axis=-1)).min(-1) > 1e-4
+    srt = np.sort(np.where(np.isfinite(full), full, -1e30), -1)
+    exact = np.abs(np.diff(srt, axis=-1)).min(-1) > 1e-4 if v > 1 else np.ones(n, bool)
     np.testing.assert_array_equal(got[exact], ids[exact])
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 8), v=st.integers(2, 300), k=st.integers(1, 60),
-       levels=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_ties_are_ordered_by_id_including_the_kth_place(seed, n, v, k, levels, dtype):
+       levels=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.bfloat16]), impl=st.sampled_from(IMPLS))
+def test_ties_are_ordered_by_id_including_the_kth_place(seed, n, v, k, levels, dtype, impl):
     k = min(k, v)
     x = np.random.default_rng(seed).integers(0, levels, size=(n, v)).astype(np.float32)
-    r = topk_stats(torch.from_numpy(x).to(dtype), k)  # bf16: tie groups larger than the fetched margin
+    r = topk_stats(torch.from_numpy(x).to(dtype), k, impl=impl)  # bf16: tie groups larger than the fetched margin
     ids, *_ = reference(x, k)
     np.testing.assert_array_equal(r.ids.numpy(), ids)
 
@@ -99,11 +108,14 @@ def test_bf16_logits_and_empty_input():
     assert e.ids.shape == (0, 8) and e.entropy.shape == (0,)
 
 
-def test_errors_are_named():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_errors_are_named(impl):
     with pytest.raises(FloatingPointError, match="row 1"):
-        topk_stats(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 1)
+        topk_stats(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 1, impl=impl)
     with pytest.raises(FloatingPointError, match="row 0"):
-        topk_stats(torch.full((1, 3), -math.inf), 1)
+        topk_stats(torch.full((1, 3), -math.inf), 1, impl=impl)
+    with pytest.raises(FloatingPointError, match="row 2"):
+        topk_stats(torch.tensor([[0.0, 1.0], [2.0, 0.0], [math.inf, 0.0]]), 1, impl=impl)
     with pytest.raises(ValueError, match="top-k"):
         topk_stats(torch.zeros(2, 3), 4)
     with pytest.raises(ValueError, match="2-D"):
@@ -127,3 +139,60 @@ def test_entropy_lower_bound_brackets_exact(seed, v, k, scale):
     # on fp32 top-k from the extractor the estimate stays close to the float64 one
     r = topk_stats(torch.from_numpy(x), k)
     np.testing.assert_allclose(entropy_lower_bound(r.logprobs).numpy(), lower, atol=1e-3 * (1 + scale / 5), rtol=1e-3)
+
+
+def test_compiled_path_is_used_and_matches_eager():
+    """The fused compiled statistics run on this machine (a C++ compiler is part of the supported setup) and
+    agree with the eager two-temporary path on fp32 and bf16 logits, including -inf entries."""
+    x = torch.randn(300, 2000) * 6
+    x[::7, :300] = -math.inf
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-4)):
+        xd = x.to(dtype)
+        c = topk_stats(xd, 32, impl="compiled", memory_budget=4 * 2000 * 64)
+        assert topk_mod.compiled_stats.failed is None, topk_mod.compiled_stats.failed
+        e = topk_stats(xd, 32, impl="eager", memory_budget=4 * 2000 * 64)
+        assert torch.equal(c.ids, e.ids)
+        for f in ("logprobs", "logsumexp", "entropy"):
+            torch.testing.assert_close(getattr(c, f), getattr(e, f), atol=tol, rtol=tol)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    stats = topk_mod._CompiledStats()
+    monkeypatch.setattr(topk_mod, "compiled_stats", stats)
+
+    def broken(*a, **kw):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.randn(9, 50) * 3
+    with caplog.at_level("WARNING", logger="cdm.precompute.topk"):
+        r = topk_stats(x, 5, impl="compiled")
+    assert stats.failed and "no compiler here" in stats.failed and "eager path" in caplog.text
+    ref = topk_stats(x, 5, impl="eager")
+    assert torch.equal(r.ids, ref.ids) and torch.equal(r.entropy, ref.entropy)
+    monkeypatch.setenv("CDM_TOPK_EAGER", "1")
+    assert topk_mod.resolve_stats_impl("auto", "cpu") == "eager"
+    with pytest.raises(ValueError, match="stats implementation"):
+        topk_mod.resolve_stats_impl("fast", "cpu")
+
+
+def test_async_tie_fixups_recompute_whole_chunks():
+    """bf16 rows whose tie group at the k-th place runs past the fetched margin are fixed after the fact from
+    the producer, which is asked again for exactly the chunk it produced before (bitwise the same logits)."""
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.integers(0, 2, size=(23, 400)).astype(np.float32)).to(torch.bfloat16)
+    x[5] = torch.arange(400, dtype=torch.float32).to(torch.bfloat16)  # a row without ties
+    calls = []
+
+    def produce(a, b):
+        calls.append((a, b))
+        return x[a:b]
+
+    pending = topk_stats_async(produce, 4, n_rows=23, vocab_size=400, memory_budget=4 * 400 * 6)
+    first = list(calls)
+    r = pending.resolve()
+    assert first == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    assert set(calls[len(first):]) <= set(first) and len(calls) > len(first)  # fix-ups re-produced whole chunks
+    ids, lp, *_ = reference(x.float().numpy(), 4)
+    np.testing.assert_array_equal(r.ids.numpy(), ids)
+    np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=5e-5)  # fp32 sums of logits up to 400

@@ -7,12 +7,12 @@ tensor for padding is built and no fp32 [tokens, V] temporary exceeds the memory
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from cdm.precompute.topk import DEFAULT_MEMORY_BUDGET, TopK, rows_per_chunk, topk_stats
+from cdm.precompute.topk import DEFAULT_MEMORY_BUDGET, PendingTopK, TopK, rows_per_chunk, topk_stats, topk_stats_async
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model: torch.nn.Module, *, k: int, batch_tokens: int = 8192,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, pad_id: int = 0):
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, pad_id: int = 0, stats_impl: str = "auto"):
         self.model = model.eval()
+        self.stats_impl = stats_impl
         self.k = int(k)
         self.batch_tokens = int(batch_tokens)
         self.memory_budget = int(memory_budget)
@@ -103,39 +104,95 @@ class HFBackend:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
             mask[b, : len(s)] = 1
+        if self.device.type == "cuda":  # pinned + non-blocking: the copy does not wait for queued work
+            return ids.pin_memory().to(self.device, non_blocking=True), mask.pin_memory().to(self.device, non_blocking=True)
         return ids.to(self.device), mask.to(self.device)
 
+    def _real_positions(self, seqs: Sequence[np.ndarray], width: int) -> torch.Tensor:
+        """Flat indices of the non-pad positions of a right-padded [B, width] batch, built on the host (a boolean
+        mask on the device would wait for the forward to finish)."""
+        idx = np.concatenate([b * width + np.arange(len(s)) for b, s in enumerate(seqs)]).astype(np.int64)
+        t = torch.from_numpy(idx)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     @torch.inference_mode()
-    def forward(self, seqs: Sequence[np.ndarray]) -> list[TopK]:
-        """One padded batch (right padding) -> top-k statistics of every real position, split per sequence."""
+    def submit(self, seqs: Sequence[np.ndarray]) -> "PendingBatch":
+        """Queue one padded batch (right padding) on the device; `.result()` waits and splits it per sequence.
+
+        Nothing here waits for the device, so the caller can queue the next batch (or write the previous one)
+        while this one runs; results are copied to pinned host memory as soon as they are ready."""
         if not seqs:
-            return []
+            return PendingBatch(None, [])
+        lengths = [len(s) for s in seqs]
         ids, mask = self._pad(seqs)
-        keep = mask.bool()
         if self.chunked_head:
-            hidden = self._decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[keep]
-            n = hidden.shape[0]
-            res = topk_stats(lambda a, b: self._head(hidden[a:b]), self.k, n_rows=n, vocab_size=self.vocab_size,
-                             memory_budget=self.memory_budget)
-        else:
+            hidden = self._decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self._real_positions(seqs, ids.shape[1]))
+            head = self._head
+            pending = topk_stats_async(lambda a, b: head(hidden[a:b]), self.k, n_rows=hidden.shape[0],
+                                       vocab_size=self.vocab_size, memory_budget=self.memory_budget,
+                                       impl=self.stats_impl)
+        else:  # full logits, a few sequences at a time; resolved right away (no head to recompute tie rows with)
+            keep = mask.bool()
             rows = max(1, rows_per_chunk(self.vocab_size, self.memory_budget) // ids.shape[1])
             parts = []
             for a in range(0, ids.shape[0], rows):
                 logits = self.model(input_ids=ids[a : a + rows], attention_mask=mask[a : a + rows], use_cache=False).logits
-                parts.append(topk_stats(logits[keep[a : a + rows]], self.k, memory_budget=self.memory_budget))
+                parts.append(topk_stats(logits[keep[a : a + rows]], self.k, memory_budget=self.memory_budget,
+                                        impl=self.stats_impl))
             res = TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
-        res = res.to("cpu")
-        out, start = [], 0
-        for s in seqs:
-            stop = start + len(s)
-            out.append(TopK(res.ids[start:stop], res.logprobs[start:stop], res.logsumexp[start:stop], res.entropy[start:stop]))
-            start = stop
-        return out
+            pending = PendingTopK(res, torch.zeros(res.ids.shape[0], dtype=torch.bool, device=res.ids.device),
+                                  self.k, lambda idx: None)  # type: ignore[arg-type,return-value]
+        return PendingBatch(pending.to_host(), lengths)
+
+    def forward(self, seqs: Sequence[np.ndarray]) -> list[TopK]:
+        """One padded batch -> top-k statistics of every real position, split per sequence (host tensors)."""
+        return self.submit(seqs).result()
 
     def run(self, seqs: Sequence[np.ndarray]) -> list[TopK]:
-        """All sequences, batched by the token budget; results in input order."""
+        """All sequences, batched by the token budget (one batch queued ahead); results in input order."""
         out: list[TopK | None] = [None] * len(seqs)
-        for batch in self.batches([len(s) for s in seqs]):
-            for i, r in zip(batch, self.forward([seqs[i] for i in batch])):
+        plan = self.batches([len(s) for s in seqs])
+        for batch, results in pipelined(self, ((b, [seqs[i] for i in b]) for b in plan)):
+            for i, r in zip(batch, results):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+
+class PendingBatch:
+    """A submitted batch: `result()` waits for its statistics and splits them per sequence (host tensors)."""
+
+    def __init__(self, pending: PendingTopK | None, lengths: list[int]):
+        self._pending, self._lengths = pending, lengths
+
+    def result(self) -> list[TopK]:
+        if self._pending is None:
+            return []
+        res = self._pending.resolve().to("cpu")
+        out, start = [], 0
+        for n in self._lengths:
+            out.append(TopK(res.ids[start : start + n], res.logprobs[start : start + n],
+                            res.logsumexp[start : start + n], res.entropy[start : start + n]))
+            start += n
+        return out
+
+
+def pipelined(runner: Any, batches: Iterable[tuple[Any, Sequence[np.ndarray]]]) -> Iterator[tuple[Any, list[TopK]]]:
+    """For each (tag, sequences) batch yield (tag, results), keeping one batch queued on the device ahead of the
+    one being returned.
+
+    Backends without `submit` (e.g. vLLM, which schedules its own batches) are called synchronously."""
+    submit = getattr(runner, "submit", None)
+    previous: tuple[Any, Any] | None = None
+    for tag, seqs in batches:
+        if submit is None:
+            yield tag, runner.forward(seqs)
+            continue
+        current = (tag, submit(seqs))
+        if previous is not None:
+            yield previous[0], previous[1].result()
+        previous = current
+    if previous is not None:
+        yield previous[0], previous[1].result()

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -421,6 +421,7 @@ def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordForm
              add_special: bool, max_length: int, truncation: str, data_fp: str, window_rows: int, progress: bool) -> int:
     from tqdm.auto import tqdm
 
+    from cdm.precompute.hf_backend import pipelined
     from cdm.storage import TeacherSequence
 
     def write(item: tuple[Any, ...]) -> None:
@@ -438,21 +439,23 @@ def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordForm
     tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    try:
+
+    def planned() -> Iterator[tuple[list[tuple[int, Encoded]], list[np.ndarray]]]:
         for w in range(0, len(todo), window_rows):
-            idx = todo[w : w + window_rows]
-            encs, skips = _prepare(ds, idx, fmt, render, tok, add_special, max_length, truncation)
+            encs, skips = _prepare(ds, todo[w : w + window_rows], fmt, render, tok, add_special, max_length, truncation)
             for i, reason in skips:
                 sink.put(("skip", i, reason))
             bar.update(len(skips))
             for batch in runner.batches([len(e.token_ids) for _, e in encs]):
                 items = [encs[b] for b in batch]
-                results = runner.forward([e.token_ids for _, e in items])
-                sink.put(("add", items, results))
-                n_tok = sum(len(e.token_ids) for _, e in items)
-                tokens += n_tok
-                bar.update(len(items))
-                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
+                yield items, [e.token_ids for _, e in items]
+
+    try:
+        for items, results in pipelined(runner, planned()):  # the next batch runs while this one is written
+            sink.put(("add", items, results))
+            tokens += sum(len(e.token_ids) for _, e in items)
+            bar.update(len(items))
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
     except BaseException:
         try:
             sink.close()  # drain what was computed; the original error wins over a writer error

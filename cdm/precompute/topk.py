@@ -7,9 +7,14 @@ ascending id, including ties at the k-th place (the lowest ids win), so CPU and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+import logging
+import os
+import warnings
+from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of one fp32 [rows, V] temporary
 
@@ -65,52 +70,153 @@ def _margin(dtype: torch.dtype, k: int, vocab: int) -> int:
     return max(0, min(extra, vocab - k))
 
 
-def _topk_chunk(logits: torch.Tensor, k: int) -> TopK:
-    """One chunk: two fp32 [rows, V] temporaries; top-k selected on the logits in their own dtype."""
+STATS_IMPLS = ("auto", "compiled", "eager")
+
+
+def row_stats_reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, entropy) of each row in one expression: the function `torch.compile` fuses into one pass
+    over the logits in their own dtype (no fp32 [rows, V] copy). -inf logits contribute 0 (not 0 * -inf)."""
+    x = logits.float()
+    m = x.amax(-1, keepdim=True)
+    d = x - m
+    e = d.exp()
+    z = e.sum(-1)
+    s = torch.where(e > 0, e * d, 0.0).sum(-1)
+    logz = z.log()
+    return m[:, 0] + logz, logz - s / z
+
+
+def _row_stats_eager(logits: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager (log-sum-exp, entropy) given the row maxima `top` [rows, 1]: two fp32 [rows, V] temporaries."""
+    d = logits.to(torch.float32, copy=True)
+    d.sub_(top)  # x - max <= 0
+    d.clamp_(min=torch.finfo(torch.float32).min)  # -inf -> finite, so e * d is 0, not NaN
+    e = d.exp()
+    z = e.sum(-1)
+    s = torch.linalg.vecdot(e, d)  # sum e * (x - max)
+    del e, d
+    logz = z.log()
+    return top[:, 0] + logz, logz - s / z  # H = log Z - E[x - max]
+
+
+class _CompiledStats:
+    """`row_stats_reference` through torch.compile, built on first use per process; any failure to compile
+    (no compiler, an unsupported device) is logged once and the eager path is used from then on."""
+
+    def __init__(self) -> None:
+        self._fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.failed: str | None = None
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.failed is not None:
+            return None
+        try:
+            if self._fn is None:
+                self._fn = torch.compile(row_stats_reference, dynamic=False)
+            torch._dynamo.maybe_mark_dynamic(logits, 0)  # the row count varies; the vocabulary does not
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # compiler chatter must not turn into errors under -W error
+                return self._fn(logits)
+        except Exception as e:  # noqa: BLE001 - any compile/runtime failure falls back to eager
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("top-k statistics: torch.compile unavailable (%s); using the eager path", self.failed)
+            return None
+
+
+compiled_stats = _CompiledStats()
+
+
+def resolve_stats_impl(impl: str, device: torch.device | str) -> str:
+    """'auto' -> 'compiled' (one fused pass, see `row_stats_reference`) unless CDM_TOPK_EAGER=1 is set."""
+    if impl not in STATS_IMPLS:
+        raise ValueError(f"stats implementation must be one of {STATS_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "eager" if os.environ.get("CDM_TOPK_EAGER") == "1" else "compiled"
+    return impl
+
+
+def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager") -> tuple[TopK, torch.Tensor]:
+    """One chunk -> (statistics, overflow [rows] bool) without any host synchronisation.
+
+    Top-k is selected on the logits in their own dtype with a margin for ties; `overflow` marks rows whose tie
+    group at the k-th place runs past the fetched candidates (their ids are fixed later by `_exact_topk`)."""
     vocab = logits.shape[-1]
     kk = k + _margin(logits.dtype, k, vocab)
     vals, ids = logits.topk(kk, dim=-1)  # descending; vals[:, 0] is the row max
-    top = vals[:, :1].float()
-    d = logits.to(torch.float32, copy=True)
-    d.sub_(top)  # x - max <= 0
-    e = d.exp()
-    z = e.sum(-1)
-    s = torch.linalg.vecdot(e, d)  # sum e*(x-max); NaN where x = -inf (0 * -inf)
-    del e
-    logz = z.log()
-    lse = top[:, 0] + logz
-    entropy = logz - s / z  # H = log Z - E[x - max]
-    bad_entropy = torch.isnan(entropy) & torch.isfinite(lse)
+    stats = compiled_stats(logits) if impl == "compiled" else None
+    lse, entropy = stats if stats is not None else _row_stats_eager(logits, vals[:, :1].float())
     vals, ids = _order_ties_by_id(vals, ids)
     overflow = (vals[:, k - 1] == vals[:, kk - 1]) if kk < vocab else torch.zeros_like(lse, dtype=torch.bool)
     vals, ids = vals[:, :k].float(), ids[:, :k]
-    need_entropy, need_exact = torch.stack([bad_entropy.any(), overflow.any()]).tolist()
-    if need_entropy:  # rows with -inf logits: recompute with nansum, skipping 0 * -inf
-        rows = bad_entropy.nonzero()[:, 0]
-        p = torch.exp(d[rows] - logz[rows, None])
-        entropy[rows] = -torch.nansum(p * (d[rows] - logz[rows, None]), dim=-1)
-    del d
-    if need_exact:  # a tie group at the k-th place runs past the fetched candidates
-        rows = overflow.nonzero()[:, 0]
-        vals[rows], ids[rows] = _exact_topk(logits[rows].float(), k)
-    return TopK(ids.to(torch.int32), vals - lse[:, None], lse, entropy)
+    return TopK(ids.to(torch.int32), vals - lse[:, None], lse, entropy), overflow
 
 
-def topk_stats(
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+class PendingTopK:
+    """Top-k statistics whose device work is queued but not waited for.
+
+    `to_host()` queues non-blocking copies into pinned host memory; `resolve()` waits, checks the log-sum-exp,
+    fixes the rare rows whose k-th place tie ran past the fetched candidates (recomputing their logits through
+    `rows_logits`) and returns the final TopK (on the host after `to_host()`, else on the device)."""
+
+    def __init__(self, result: TopK, overflow: torch.Tensor, k: int,
+                 rows_logits: Callable[[torch.Tensor], torch.Tensor]):
+        self._dev, self._overflow, self.k, self._rows_logits = result, overflow, k, rows_logits
+        self._host: tuple[TopK, torch.Tensor] | None = None
+        self._event: Any = None
+
+    def to_host(self) -> "PendingTopK":
+        dev = self._dev.ids.device
+        if dev.type == "cuda":
+            self._host = (TopK(*(_pinned_copy(t) for t in (self._dev.ids, self._dev.logprobs, self._dev.logsumexp,
+                                                            self._dev.entropy))), _pinned_copy(self._overflow))
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif dev.type != "cpu":
+            self._host = (self._dev.to("cpu"), self._overflow.to("cpu"))
+        return self
+
+    def resolve(self) -> TopK:
+        if self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            res, overflow = self._host
+        else:
+            res, overflow = self._dev, self._overflow
+        lse = res.logsumexp
+        if lse.numel() and not bool(torch.isfinite(lse).all()):
+            bad = int((~torch.isfinite(lse)).nonzero()[0, 0])
+            raise FloatingPointError(f"row {bad}: logits are NaN/inf or all -inf (log-sum-exp {lse[bad].item()})")
+        if overflow.numel() and bool(overflow.any()):  # a tie group at the k-th place ran past the candidates
+            rows = overflow.nonzero()[:, 0]
+            dev_rows = rows.to(self._dev.ids.device)
+            vals, ids = _exact_topk(self._rows_logits(dev_rows).float(), self.k)
+            vals = vals - self._dev.logsumexp[dev_rows, None]
+            res.ids[rows] = ids.to(res.ids.device, torch.int32)
+            res.logprobs[rows] = vals.to(res.logprobs.device)
+        self._dev = self._overflow = self._rows_logits = None  # type: ignore[assignment]
+        return res
+
+
+def topk_stats_async(
     logits: torch.Tensor | Callable[[int, int], torch.Tensor],
     k: int,
     *,
     n_rows: int | None = None,
     vocab_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-) -> TopK:
-    """Top-k log-probs (full-vocab normalised, T=1), log-sum-exp and entropy of every row.
+    rows_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    impl: str = "auto",
+) -> PendingTopK:
+    """Queue the work of `topk_stats` without waiting for the device; see `PendingTopK`.
 
-    `logits` is a [n, V] tensor or a function (start, stop) -> logits of rows start:stop (then pass `n_rows`
-    and `vocab_size`), so callers can produce logits chunk by chunk (e.g. lm_head on hidden states) and no
-    fp32 [rows, V] temporary exceeds `memory_budget` bytes (peak: two such temporaries plus the logits chunk;
-    rows whose k-th place ties past the fetched candidates use an int64 [rows, V] key).
-    """
+    `rows_logits(index)` gives the logits of arbitrary rows (needed only for rare tie fix-ups); by default each
+    such row's chunk is produced again through the (start, stop) producer."""
     if isinstance(logits, torch.Tensor):
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D [tokens, vocab], got shape {tuple(logits.shape)}")
@@ -120,24 +226,58 @@ def topk_stats(
         def produce(a: int, b: int) -> torch.Tensor:
             return source[a:b]
 
+        rows_logits = rows_logits or (lambda idx: source[idx])
+        device = logits.device
     else:
         if n_rows is None or vocab_size is None:
             raise ValueError("a logits producer needs n_rows and vocab_size")
         produce = logits
+        device = None
     if not 1 <= k <= vocab_size:
         raise ValueError(f"top-k must be in [1, vocab size {vocab_size}], got {k}")
     step = rows_per_chunk(vocab_size, memory_budget)
-    parts = [_topk_chunk(produce(a, min(a + step, n_rows)), k) for a in range(0, n_rows, step)]
-    if parts:
-        lse = torch.cat([p.logsumexp for p in parts])
-        if not bool(torch.isfinite(lse).all()):
-            bad = int((~torch.isfinite(lse)).nonzero()[0, 0])
-            raise FloatingPointError(f"row {bad}: logits are NaN/inf or all -inf (log-sum-exp {lse[bad].item()})")
+    if rows_logits is None:
+        def rows_logits(idx: torch.Tensor) -> torch.Tensor:
+            """Recompute whole chunks (same shapes as the first pass, hence bitwise the same logits)."""
+            out = []
+            for r in idx.tolist():
+                a = (int(r) // step) * step
+                out.append(produce(a, min(a + step, n_rows))[int(r) - a : int(r) - a + 1])
+            return torch.cat(out)
+
+    parts = []
+    for a in range(0, n_rows, step):
+        chunk = produce(a, min(a + step, n_rows))
+        parts.append(_topk_chunk(chunk, k, resolve_stats_impl(impl, chunk.device)))
     if not parts:
-        device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+        device = device or torch.device("cpu")
         empty = torch.empty(0, device=device)
-        return TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
-    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
+        res = TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
+        return PendingTopK(res, torch.zeros(0, dtype=torch.bool, device=device), k, rows_logits)
+    res = TopK(*(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
+    return PendingTopK(res, torch.cat([o for _, o in parts]), k, rows_logits)
+
+
+def topk_stats(
+    logits: torch.Tensor | Callable[[int, int], torch.Tensor],
+    k: int,
+    *,
+    n_rows: int | None = None,
+    vocab_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    impl: str = "auto",
+) -> TopK:
+    """Top-k log-probs (full-vocab normalised, T=1), log-sum-exp and entropy of every row.
+
+    `logits` is a [n, V] tensor or a function (start, stop) -> logits of rows start:stop (then pass `n_rows`
+    and `vocab_size`), so callers can produce logits chunk by chunk (e.g. lm_head on hidden states) and no
+    fp32 [rows, V] temporary exceeds `memory_budget` bytes (eager peak: two such temporaries plus the logits
+    chunk; the compiled path reads the logits in their own dtype and makes none; rows whose k-th place ties past
+    the fetched candidates use an int64 [rows, V] key). `impl`: 'compiled' fuses log-sum-exp and entropy into one
+    pass with torch.compile (falls back to 'eager' if compiling fails); 'auto' = compiled unless CDM_TOPK_EAGER=1.
+    """
+    return topk_stats_async(logits, k, n_rows=n_rows, vocab_size=vocab_size, memory_budget=memory_budget,
+                            impl=impl).resolve()
 
 
 def entropy_lower_bound(logprobs: torch.Tensor) -> torch.Tensor:

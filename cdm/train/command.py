@@ -47,7 +47,12 @@ def train_command(
     temperature: Annotated[float, typer.Option(help="KD temperature τ (both sides; the KD term is scaled by τ²).", rich_help_panel=_LOSS)] = 1.0,
     student_topk: Annotated[Optional[int], typer.Option(help="Student top-k the dynamic map searches (default: the teacher's stored K; 0 = exact matches only).", rich_help_panel=_LOSS)] = None,
     theta: Annotated[Optional[float], typer.Option(help="Fuzzy threshold on normalised edit distance (default and maximum: the map store's θ).", rich_help_panel=_LOSS)] = None,
-    tail_bucket: Annotated[bool, typer.Option("--tail-bucket/--no-tail-bucket", help="CDM only (default on): keep the teacher mass that maps to no column (dropped + beyond the stored top-k) as one bucket against the student's mass outside the mapped columns, so the KL keeps full-vocabulary normalisation. Without it CDM rewards piling student mass onto the few mapped columns: in benchmarks/RESULTS.md (Quality, 3 paired seeds) CE+CDM with it is -0.078 bpb vs CE and -0.027 vs MinED, without it +0.037 vs CE. --no-tail-bucket gives the paper's columns-only KL.", rich_help_panel=_LOSS)] = True,
+    tail_bucket: Annotated[bool, typer.Option("--tail-bucket/--no-tail-bucket", help=(
+        "CDM only (default on): keep the teacher mass that maps to no column (dropped + beyond the stored top-k) as "
+        "one bucket against the student's mass outside the mapped columns, so the KL keeps full-vocabulary "
+        "normalisation. Without it CDM rewards piling student mass onto the few mapped columns: in "
+        "benchmarks/RESULTS.md (Quality, 3 paired seeds) CE+CDM with it is -0.078 bpb vs CE and -0.027 vs MinED, "
+        "without it +0.037 vs CE. --no-tail-bucket gives the paper's columns-only KL."), rich_help_panel=_LOSS)] = True,
     reverse: Annotated[bool, typer.Option("--reverse/--no-reverse", help="CDM: also map student top-k ids back to teacher candidates (direction B, roles fixed).", rich_help_panel=_LOSS)] = False,
     kl_tail: Annotated[bool, typer.Option("--kl-tail/--no-kl-tail", help="KL (dual): keep the stored tail mass as one bucket.", rich_help_panel=_LOSS)] = True,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).", rich_help_panel=_OPT)] = 3e-4,

@@ -72,7 +72,8 @@ def smollm2_teacher(cache: Path | None = None, dtype: str = "float32") -> Path:
         raise RuntimeError(f"SmolLM2 conversion: missing {missing[:5]}, unexpected {res.unexpected_keys[:5]}")
     if "lm_head.weight" in res.missing_keys:
         plain.tie_weights()
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=final.parent if final.parent.exists() else None))
+    final.parent.mkdir(parents=True, exist_ok=True)  # the temporary folder sits beside it: same file system
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=final.parent))
     plain.to(getattr(torch, dtype)).save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "done").write_text("ok\n")
@@ -89,14 +90,16 @@ def mistral_sp_tokenizer(cache: Path | None = None) -> Path:
     model = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
     if not model.is_file():
         raise AssetMissing("mistral-common does not ship data/tokenizer.model.v1")
-    work = Path(tempfile.mkdtemp(prefix=".mistral-"))
-    shutil.copy(str(model), work / "tokenizer.model")  # LlamaTokenizer(vocab_file=...) would give 3 tokens
-    tok = LlamaTokenizer.from_pretrained(str(work), legacy=False, add_bos_token=False, add_eos_token=False)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".mistral-out-", dir=final.parent))
-    tok.save_pretrained(tmp)
-    (tmp / "done").write_text("ok\n")
-    shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".mistral-", dir=final.parent))  # beside the cache, not in $TMPDIR
+    try:
+        shutil.copy(str(model), work / "tokenizer.model")  # LlamaTokenizer(vocab_file=...) would give 3 tokens
+        tok = LlamaTokenizer.from_pretrained(str(work), legacy=False, add_bos_token=False, add_eos_token=False)
+        tmp = Path(tempfile.mkdtemp(prefix=".mistral-out-", dir=final.parent))
+        tok.save_pretrained(tmp)
+        (tmp / "done").write_text("ok\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return _publish(tmp, final)
 
 

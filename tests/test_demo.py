@@ -197,14 +197,40 @@ def _mtimes(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def test_asset_cache_is_under_out_unless_cdm_cache_is_set(monkeypatch, tmp_path):
+    from cdm.demo import asset_cache
+
+    monkeypatch.delenv("CDM_CACHE", raising=False)
+    assert asset_cache(tmp_path / "o") == tmp_path / "o" / "cache"
+    monkeypatch.setenv("CDM_CACHE", str(tmp_path / "shared"))
+    assert asset_cache(tmp_path / "o") == tmp_path / "shared"
+
+
+def test_local_caches_point_library_caches_under_out_and_restore(monkeypatch, tmp_path):
+    from cdm.demo import LIBRARY_CACHES, PCH_ENV, _local_caches
+
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.delenv(PCH_ENV, raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    with _local_caches(tmp_path / "o"):
+        assert os.environ["MPLCONFIGDIR"] == str((tmp_path / "o" / "cache" / LIBRARY_CACHES["MPLCONFIGDIR"]).resolve())
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # set by the user: kept
+        assert os.environ[PCH_ENV] == "0"
+    assert "MPLCONFIGDIR" not in os.environ and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    assert PCH_ENV not in os.environ
+
+
 TINY = dict(rows=10, steps=3, top_k=4, hidden=64, layers=1, batch_size=4)
 CLI = ["--rows", "10", "--steps", "3", "--top-k", "4", "--student-hidden", "64", "--student-layers", "1",
        "--batch-size", "4", "--no-progress"]
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
+def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path, monkeypatch):
     _needs_assets()
+    from cdm.assets import default_cache
+
+    monkeypatch.setenv("CDM_CACHE", str(default_cache()))  # the teacher extracted once for every test
     import typer
     from typer.testing import CliRunner
 
@@ -244,3 +270,39 @@ def test_tiny_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
         "precompute": False, "build-map": False, "train ce": True, "train ce+cdm": True}
     assert third.bpb["before"] == pytest.approx(first.bpb["before"], rel=1e-5)
     assert all(after[p] == os.stat(p).st_mtime_ns for p in after if "/teacher/" in p or "/map/" in p)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_nothing_outside_out(tmp_path):
+    """`cdm demo` in a fresh process with an empty HOME and TMPDIR and no cache variables (a fresh machine): every
+    file lands under --out (datasets' Arrow cache, matplotlib's font cache, torch.compile's cache, the assets)."""
+    _needs_assets()
+    import subprocess
+    import sys
+
+    from cdm.assets import mistral_sp_tokenizer, smollm2_teacher
+
+    # the extracted teacher (~20 s to convert) is linked in from the shared cache: the demo finds it where it looks
+    out, home, tmp = tmp_path / "demo", tmp_path / "home", tmp_path / "tmp"
+    for d in (home, tmp, out / "cache" / "assets"):
+        d.mkdir(parents=True)
+    for src in (smollm2_teacher(), mistral_sp_tokenizer()):
+        (out / "cache" / "assets" / src.name).symlink_to(src, target_is_directory=True)
+    keep = ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "PYTHONPATH", "SYSTEMROOT")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(HOME=str(home), TMPDIR=str(tmp), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
+    res = subprocess.run([sys.executable, "-m", "cdm.cli", "demo", "--out", str(out), *CLI], env=env,
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out bits/byte" in res.stdout
+    assert _files(home) == [] and _files(tmp) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "home", "tmp"]
+    cache = out / "cache"
+    for sub in ("datasets", "vocab-maps", "matplotlib"):
+        assert _files(cache / sub), sub
+    assert json.loads((out / "results.json").read_text())["config"]["out"] == str(out)

@@ -110,39 +110,40 @@ def time_decoder(backend: HFBackend, seqs, batches, device: str) -> float:
     return time.perf_counter() - t
 
 
-def time_pipeline(backend: HFBackend, seqs, batches, device: str, store_dir: str | None, k: int):
-    """Forward + top-k/lse/entropy + copy to host (+ store writes on a background thread when store_dir)."""
-    writer = sink = None
-    if store_dir:
-        from cdm.precompute.run import _Sink
-        from cdm.storage import TeacherSequence, TeacherStoreWriter
+def make_items(seqs) -> list:
+    """Store payload for each benchmark sequence (text and offsets are synthetic; the top-k comes from the model)."""
+    from cdm.precompute.encode import Encoded
 
-        writer = TeacherStoreWriter(store_dir, key="bench", manifest={}, k=k, vocab_size=backend.vocab_size)
+    items = []
+    for s in seqs:
+        n = len(s)
+        items.append(Encoded(text="x" * n, response_spans=np.array([[0, n]], np.int32), token_ids=np.asarray(s, np.int32),
+                             char_spans=np.stack([np.arange(n), np.arange(n) + 1], 1).astype(np.int32), truncated=False))
+    return items
 
-        def write(item):
-            for i, r in zip(*item):
-                n = len(seqs[i])
-                spans = np.stack([np.arange(n), np.arange(n) + 1], 1).astype(np.int32)
-                writer.add(TeacherSequence(seq_id=str(i), text="x" * n, response_spans=np.array([[0, n]], np.int32),
-                                           source_index=i, truncated=False, token_ids=seqs[i], char_spans=spans,
-                                           topk_ids=r.ids.numpy(), topk_logprobs=r.logprobs.numpy(),
-                                           logsumexp=r.logsumexp.numpy(), entropy=r.entropy.numpy()))
 
-        sink = _Sink(write)
+def open_sink(mode: str, store_dir: str, backend: HFBackend, k: int):
+    from cdm.precompute.sink import ProcessSink, ThreadSink
+    from cdm.storage import TeacherStoreWriter
+
+    kwargs = dict(url=store_dir, key="bench", manifest={}, k=k, vocab_size=backend.vocab_size)
+    return ThreadSink(TeacherStoreWriter(**kwargs), "bench") if mode == "thread" else ProcessSink(kwargs, "bench")
+
+
+def time_pipeline(backend: HFBackend, seqs, batches, items, device: str, sink=None):
+    """What `cdm.precompute.run` does per batch: submit (one batch queued ahead), wait, hand the results to the
+    store sink (when given; it is opened before the clock starts and closed, i.e. flushed, inside it)."""
+    from cdm.precompute.hf_backend import pipelined
+
     sync(device)
     t = time.perf_counter()
-    for b in batches:
-        res = backend.forward([seqs[i] for i in b])
-        if sink:
-            sink.put((b, res))
-    if sink:
-        sink.close()
-        manifest = writer.close()
+    for b, results in pipelined(backend, ((b, [seqs[i] for i in b]) for b in batches)):
+        if sink is not None:
+            sink.put(("add", [(i, items[i]) for i in b], results))
+    manifest = sink.close()[0] if sink is not None else None
     sync(device)
     wall = time.perf_counter() - t
-    nbytes = None
-    if store_dir:
-        nbytes = sum(int(s.get("bytes", 0)) for s in manifest["shards"])
+    nbytes = sum(int(s.get("bytes", 0)) for s in manifest["shards"]) if manifest else None
     return wall, nbytes
 
 
@@ -150,37 +151,58 @@ def random_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
     return [int(x) for x in np.random.default_rng(seed).integers(lo, hi + 1, size=n)]
 
 
+VARIANTS = ("eager", "compiled", "store_thread", "store_process")
+
+
 def compare_pipeline(model, seqs, *, device: str, k: int, batch_tokens: int, budget_mb: int, store: bool,
-                     repeats: int = 2) -> dict[str, Any]:
+                     repeats: int = 2, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    """Bare forward vs the pipeline variants on the same batches: eager / compiled (fused) top-k statistics
+    without a store, then compiled + store writes on a thread / in a writer process."""
     backend = HFBackend(model, k=k, batch_tokens=batch_tokens, memory_budget=budget_mb * 2**20)
     batches = backend.batches([len(s) for s in seqs])
+    items = make_items(seqs)
     tokens = sum(len(s) for s in seqs)
-    backend.forward([seqs[i] for i in batches[0]])  # warm-up (kernels, allocator)
+    for impl in ("eager", "compiled"):  # warm-up: kernels, allocator, torch.compile
+        backend.stats_impl = impl
+        backend.forward([seqs[i] for i in batches[0]])
+        backend.forward([seqs[i] for i in batches[-1]])
     time_bare(model, backend, seqs, batches[:1], device)
+    from cdm.precompute import topk as topk_mod
+
     out: dict[str, Any] = {"tokens": tokens, "batches": len(batches), "k": k, "batch_tokens": batch_tokens,
-                           "memory_budget_mb": budget_mb, "chunked_head": backend.chunked_head}
-    bare, pipe, pipe_store, body, nbytes = [], [], [], [], None
+                           "memory_budget_mb": budget_mb, "chunked_head": backend.chunked_head,
+                           "compiled_failed": topk_mod.compiled_stats.failed}
+    times: dict[str, list[float]] = {v: [] for v in ("bare", "decoder", *variants)}
+    nbytes = None
     for _ in range(repeats):
-        body.append(time_decoder(backend, seqs, batches, device))
+        times["decoder"].append(time_decoder(backend, seqs, batches, device))
         peak_reset(device)
-        bare.append(time_bare(model, backend, seqs, batches, device))
+        times["bare"].append(time_bare(model, backend, seqs, batches, device))
         out["bare_peak_gib"] = peak_gib(device)
-        peak_reset(device)
-        pipe.append(time_pipeline(backend, seqs, batches, device, None, k)[0])
-        out["pipeline_peak_gib"] = peak_gib(device)
-        if store:
-            with tempfile.TemporaryDirectory() as d:
-                w, nbytes = time_pipeline(backend, seqs, batches, device, os.path.join(d, "s"), k)
-                pipe_store.append(w)
-    out["bare_tok_s"] = tokens / min(bare)
-    out["pipeline_tok_s"] = tokens / min(pipe)
-    out["overhead_pct"] = 100 * (min(pipe) / min(bare) - 1)
-    out["decoder_only_tok_s"] = tokens / min(body)
-    out["head_share_bare_pct"] = 100 * (1 - min(body) / min(bare))  # output head share of the bare forward
-    out["head_extract_share_pipeline_pct"] = 100 * (1 - min(body) / min(pipe))
-    if pipe_store:
-        out["pipeline_store_tok_s"] = tokens / min(pipe_store)
-        out["overhead_store_pct"] = 100 * (min(pipe_store) / min(bare) - 1)
+        for v in variants:
+            backend.stats_impl = "eager" if v == "eager" else "compiled"
+            peak_reset(device)
+            if v.startswith("store_"):
+                if not store:
+                    continue
+                with tempfile.TemporaryDirectory() as d:
+                    sink = open_sink(v.split("_")[1], os.path.join(d, "s"), backend, k)
+                    w, nbytes = time_pipeline(backend, seqs, batches, items, device, sink)
+            else:
+                w, _ = time_pipeline(backend, seqs, batches, items, device)
+            times[v].append(w)
+            out[f"{v}_peak_gib"] = peak_gib(device)
+    bare = min(times["bare"])
+    out["bare_tok_s"] = tokens / bare
+    out["decoder_only_tok_s"] = tokens / min(times["decoder"])
+    out["head_share_bare_pct"] = 100 * (1 - min(times["decoder"]) / bare)
+    for v in variants:
+        if times[v]:
+            out[f"{v}_tok_s"] = tokens / min(times[v])
+            out[f"{v}_overhead_pct"] = 100 * (min(times[v]) / bare - 1)
+    # the headline numbers: what `cdm precompute` runs by default (compiled; process writer on GPU)
+    out["pipeline_tok_s"], out["overhead_pct"] = out.get("compiled_tok_s"), out.get("compiled_overhead_pct")
+    if nbytes is not None:
         out["bytes_per_token"] = nbytes / tokens
     return out
 
@@ -293,6 +315,20 @@ def _num(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _variant_cells(r: dict[str, Any]) -> str:
+    cells = []
+    for v in VARIANTS:
+        if f"{v}_tok_s" in r:
+            cells.append(f"{r[f'{v}_tok_s']:,.0f} ({r[f'{v}_overhead_pct']:+.1f}%)")
+        else:
+            cells.append("n/a")
+    return " | ".join(cells)
+
+
+VARIANT_HEADER = ("pipeline eager tok/s (overhead) | pipeline compiled tok/s (overhead) | + store, thread writer "
+                  "| + store, process writer")
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["## precompute (hf backend)", ""]
     cpu = results.get("cpu")
@@ -300,11 +336,10 @@ def markdown(results: dict[str, Any]) -> str:
         p = cpu["pipeline"]
         lines += [f"CPU ({cpu['cpu']}, {cpu['threads']} threads), random `cpu-small` Llama, vocab {cpu['vocab']}, "
                   f"K={p['k']}, {p['tokens']} tokens of pydoc text:", "",
-                  "| bare forward tok/s | pipeline tok/s | overhead | + store tok/s | overhead | bytes/token |",
-                  "|---|---|---|---|---|---|",
-                  f"| {p['bare_tok_s']:.0f} | {p['pipeline_tok_s']:.0f} | {p['overhead_pct']:+.1f}% | "
-                  f"{p.get('pipeline_store_tok_s', float('nan')):.0f} | {p.get('overhead_store_pct', float('nan')):+.1f}% | "
-                  f"{p.get('bytes_per_token', float('nan')):.1f} |", ""]
+                  f"| bare forward tok/s | {VARIANT_HEADER} | bytes/token |", "|---|---|---|---|---|---|",
+                  f"| {p['bare_tok_s']:,.0f} | {_variant_cells(p)} | {p.get('bytes_per_token', float('nan')):.1f} |", ""]
+        if p.get("compiled_failed"):
+            lines += [f"torch.compile failed here ({p['compiled_failed']}): 'compiled' ran the eager path.", ""]
         if "real_teacher" in cpu:
             r = cpu["real_teacher"]
             lines += [f"Real teacher end to end (`run()`, incl. loading): {r['tokens']} tokens, "
@@ -313,8 +348,8 @@ def markdown(results: dict[str, Any]) -> str:
     if cuda and "skipped" not in cuda:
         lines += [f"CUDA: {cuda['gpu']}, torch {cuda['torch']}, transformers {cuda['transformers']}, bf16, random "
                   "weights (throughput does not depend on them):", "",
-                  "| arch | budget MiB | tokens | decoder-only tok/s | bare tok/s | pipeline tok/s | overhead | + store tok/s "
-                  "| overhead | bytes/token | peak GiB bare / pipeline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| arch | budget MiB | tokens | decoder-only tok/s | bare tok/s | {VARIANT_HEADER} | bytes/token "
+                  "| peak GiB bare / compiled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch in ARCHS:
             if arch not in cuda:
                 continue
@@ -322,11 +357,11 @@ def markdown(results: dict[str, Any]) -> str:
                 if not key.startswith("budget_"):
                     continue
                 lines.append(
-                    f"| {arch} | {r['memory_budget_mb']} | {r['tokens']} | {r['decoder_only_tok_s']:.0f} "
-                    f"| {r['bare_tok_s']:.0f} | {r['pipeline_tok_s']:.0f} "
-                    f"| {r['overhead_pct']:+.1f}% | {r.get('pipeline_store_tok_s', float('nan')):.0f} | "
-                    f"{r.get('overhead_store_pct', float('nan')):+.1f}% | {r.get('bytes_per_token', float('nan')):.1f} | "
-                    f"{_num(r['bare_peak_gib'], '.1f')} / {_num(r['pipeline_peak_gib'], '.1f')} |")
+                    f"| {arch} | {r['memory_budget_mb']} | {r['tokens']} | {r['decoder_only_tok_s']:,.0f} "
+                    f"| {r['bare_tok_s']:,.0f} | {_variant_cells(r)} | {r.get('bytes_per_token', float('nan')):.1f} | "
+                    f"{_num(r['bare_peak_gib'], '.1f')} / {_num(r.get('compiled_peak_gib'), '.1f')} |")
+                if r.get("compiled_failed"):
+                    lines.append(f"\ntorch.compile failed ({r['compiled_failed']}): 'compiled' ran the eager path.\n")
         lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
                   "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
         for arch in ARCHS:
@@ -354,7 +389,7 @@ def main() -> None:
     ap.add_argument("--cuda-min-len", type=int, default=256)
     ap.add_argument("--cuda-max-len", type=int, default=2048)
     ap.add_argument("--cuda-batch-tokens", type=int, default=16384)
-    ap.add_argument("--budgets-mb", type=int, nargs="+", default=[256, 2048])
+    ap.add_argument("--budgets-mb", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--check-seqs", type=int, default=8)
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cdm.precompute import run
 from cdm.storage import TeacherStore
@@ -24,11 +25,11 @@ args = json.loads(sys.argv[1])
 delay = args.pop("delay", 0)
 if delay:
     from cdm.precompute import hf_backend
-    fwd = hf_backend.HFBackend.forward
+    submit = hf_backend.HFBackend.submit
     def slow(self, seqs):
         time.sleep(delay)
-        return fwd(self, seqs)
-    hf_backend.HFBackend.forward = slow
+        return submit(self, seqs)
+    hf_backend.HFBackend.submit = slow
 from cdm.precompute import run
 run(args.pop("teacher"), args.pop("data"), args.pop("out"), progress=False, echo=lambda s: None, **args)
 """
@@ -55,13 +56,38 @@ def assert_same_store(a: str, b: str) -> None:
             np.testing.assert_allclose(getattr(x, f), getattr(y, f), rtol=1e-5, atol=1e-5)
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_teacher):
+def children_of(pid: int) -> set[int]:
+    """Live child processes of `pid` (from /proc; Linux)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("writer_mode", ["thread", "process"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_teacher, writer_mode):
     data = write_jsonl(tmp_path / "d.jsonl", text_records(40, seed=11, max_chars=120))
     common = {"teacher": str(tiny_teacher), "data": str(data), "top_k": 6, "text_field": "text", "max_length": 64}
     ref = str(tmp_path / "ref")
     run(out=ref, progress=False, echo=lambda s: None, **common)
     out = str(tmp_path / "killed")
-    p = child({**common, "out": out, "batch_tokens": 64, "window_rows": 4, "commit_tokens": 32, "delay": 0.15})
+    p = child({**common, "out": out, "batch_tokens": 64, "window_rows": 4, "commit_tokens": 32, "delay": 0.15,
+               "writer_mode": writer_mode})
     state = Path(out) / "shard-00000" / "_writing" / "state.json"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -69,9 +95,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_teacher):
             break
         assert p.poll() is None, p.communicate()[1].decode()[-2000:]
         time.sleep(0.05)
+    kids = children_of(p.pid)
+    if writer_mode == "process":
+        assert kids, "the store writer process should be running"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
+    deadline = time.time() + 30  # the writer process dies with its parent: no orphan writes behind the resume
+    while any(alive(k) for k in kids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(k) for k in kids)
     m = TeacherStore.read_manifest(out)
     assert m is not None and not m["complete"]
     done = json.loads(state.read_text())["n_sequences"]

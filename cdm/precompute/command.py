@@ -45,6 +45,9 @@ def precompute_command(
                                           "first rows) to small codes: ~8-11% smaller ids. 0 = off.")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="vllm backend: GPUs per "
                                                       "engine (tensor parallelism) for big teachers.")] = 1,
+    writer: Annotated[str, typer.Option("--writer", help="Where the store is encoded and written: thread, process "
+                                        "(a child process: no GIL shared with the device loop), auto (process on "
+                                        "GPU, thread on CPU).")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Also print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -61,7 +64,7 @@ def precompute_command(
                   chat_template=chat_template, tokenizer=tokenizer, max_length=max_length, truncation=truncation,
                   limit=limit, split=split, num_shards=num_shards, shard_index=shard_index, cache_dir=cache_dir,
                   dtype=dtype, device=device, batch_tokens=batch_tokens, memory_budget_mb=memory_budget_mb,
-                  codec=codec, id_table=id_table, progress=progress, echo=lambda s: typer.echo(s, err=True),
+                  codec=codec, id_table=id_table, writer_mode=writer, progress=progress, echo=lambda s: typer.echo(s, err=True),
                   backend_options={"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else None)
     except (DataError, TeacherError, OffsetsUnavailable, StoreError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -22,7 +20,6 @@ from cdm.precompute.data import (
     data_fingerprint,
     fetch_rows,
     load_records,
-    seq_id,
 )
 from cdm.precompute.encode import Encoded, apply_length_policy, check_offsets, encode_offsets, TRUNCATION_POLICIES
 from cdm.precompute.key import cache_key, sha256_text, teacher_fingerprint, tokenizer_fingerprint
@@ -83,39 +80,6 @@ class PrecomputeResult:
     stats: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
     report: str = ""
-
-
-class _Sink:
-    """Writes finished sequences on a background thread so the device keeps computing; errors re-raise here."""
-
-    def __init__(self, fn: Callable[[Any], None], depth: int = 4):
-        self._fn = fn
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._err: BaseException | None = None
-        self._t = threading.Thread(target=self._loop, name="cdm-store-writer", daemon=True)
-        self._t.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if self._err is None:
-                try:
-                    self._fn(item)
-                except BaseException as e:  # surfaced by put()/close()
-                    self._err = e
-
-    def put(self, item: Any) -> None:
-        if self._err is not None:
-            raise self._err
-        self._q.put(item)
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._t.join()
-        if self._err is not None:
-            raise self._err
 
 
 def _human_bytes(n: float) -> str:
@@ -194,6 +158,7 @@ def run(
     backend_options: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
     data_cache_dir: str | None = None,
+    writer_mode: str = "auto",
 ) -> PrecomputeResult:
     """Compute the teacher's top-k signal for every input row of this shard into a teacher store.
 
@@ -279,26 +244,31 @@ def run(
             runner = make_runner()
             codec_params = {"id_table": calibrate_id_table(ds, n_rows, fmt, render, tok, add_special, max_length,
                                                            runner, id_table)}
-    writer = TeacherStoreWriter(url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size,
-                                num_shards=n_shards, shard_index=shard, codec=codec, codec_params=codec_params,
-                                commit_tokens=commit_tokens, tokenizer_json=_tokenizer_json(tok))
+    writer_kwargs = dict(url=url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size, num_shards=n_shards,
+                         shard_index=shard, codec=codec, codec_params=codec_params, commit_tokens=commit_tokens)
+    writer = TeacherStoreWriter(**writer_kwargs, tokenizer_json=_tokenizer_json(tok))
     todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
     computed = bool(todo)
     tokens_run = 0
     if todo:
+        from cdm.precompute.sink import ProcessSink, ThreadSink, resolve_writer_mode
+
         runner = runner or make_runner()
+        mode = resolve_writer_mode(writer_mode, dev)
         say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
+        # process mode: the child reopens the shard (nothing is buffered in `writer`, which is not used again)
+        sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
         try:
-            tokens_run = _process(ds, todo, writer, runner, fmt, render, tok, add_special, max_length, truncation,
-                                  data_fp, window_rows, progress)
+            tokens_run = _process(ds, todo, sink, runner, fmt, render, tok, add_special, max_length, truncation,
+                                  window_rows, progress)
         except BaseException:
-            writer.commit()
+            sink.abort()  # commit what was handed over: a rerun resumes after it
             raise
-        manifest_after = writer.close()
+        manifest_after, writer_stats = sink.close()
     else:
-        manifest_after = writer.close()
+        manifest_after, writer_stats = writer.close(), writer.stats
     wall = time.perf_counter() - t0
-    stats = {**writer.stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0}
+    stats = {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0}
     lines = [store_summary(manifest_after, url),
              f"this run   shard {shard}/{n_shards}: {len(todo)} rows, {tokens_run} tokens, "
              f"{stats['truncated_this_run']} truncated, {wall:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"]
@@ -417,25 +387,14 @@ def _prepare(ds: Any, indices: Sequence[int], fmt: RecordFormat, render: Any, to
     return encs, skips
 
 
-def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordFormat, render: Any, tok: Any,
-             add_special: bool, max_length: int, truncation: str, data_fp: str, window_rows: int, progress: bool) -> int:
+def _process(ds: Any, todo: list[int], sink: Any, runner: Any, fmt: RecordFormat, render: Any, tok: Any,
+             add_special: bool, max_length: int, truncation: str, window_rows: int, progress: bool) -> int:
+    """Prepare rows window by window, run the teacher batch by batch (one queued ahead) and hand each finished
+    batch to the sink; returns the number of tokens computed. The caller closes or aborts the sink."""
     from tqdm.auto import tqdm
 
     from cdm.precompute.hf_backend import pipelined
-    from cdm.storage import TeacherSequence
 
-    def write(item: tuple[Any, ...]) -> None:
-        if item[0] == "skip":
-            writer.skip(item[1], item[2])
-            return
-        for (i, e), r in zip(item[1], item[2]):
-            writer.add(TeacherSequence(
-                seq_id=seq_id(data_fp, i), text=e.text, response_spans=e.response_spans, source_index=i,
-                truncated=e.truncated, token_ids=e.token_ids, char_spans=e.char_spans,
-                topk_ids=r.ids.numpy(), topk_logprobs=r.logprobs.numpy(), logsumexp=r.logsumexp.numpy(),
-                entropy=r.entropy.numpy()))
-
-    sink = _Sink(write)
     tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
@@ -456,15 +415,6 @@ def _process(ds: Any, todo: list[int], writer: Any, runner: Any, fmt: RecordForm
             tokens += sum(len(e.token_ids) for _, e in items)
             bar.update(len(items))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f} tok/s", refresh=False)
-    except BaseException:
-        try:
-            sink.close()  # drain what was computed; the original error wins over a writer error
-        except BaseException:
-            pass
-        raise
-    else:
-        sink.close()
     finally:
         bar.close()
     return tokens
-

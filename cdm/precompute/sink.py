@@ -1,0 +1,275 @@
+"""Where computed sequences go: a store writer on a background thread, or in a child process.
+
+The device loop only hands over finished batches. Validation, top-k encoding and Blosc compression then run
+elsewhere: on a thread (enough on CPU, where the teacher is slow) or in a separate writer process (on GPU, where
+a small teacher outruns one Python thread and a writer thread would also steal the GIL from the thread that
+launches the kernels). Both keep the store protocol of `TeacherStoreWriter`: what was committed is durable, a
+crash loses at most the uncommitted tail, and errors surface in the caller with their original message.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+WRITER_MODES = ("auto", "thread", "process")
+
+
+def resolve_writer_mode(mode: str, device: str) -> str:
+    """'auto' -> 'process' on an accelerator, 'thread' on CPU (where the writer is never the bottleneck)."""
+    if mode not in WRITER_MODES:
+        raise ValueError(f"--writer must be one of {WRITER_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "thread" if str(device).startswith("cpu") else "process"
+    return mode
+
+
+def write_item(writer: Any, data_fp: str, item: tuple[Any, ...]) -> None:
+    """Apply one sink message to a TeacherStoreWriter: ("skip", index, reason) or ("add", items, results)."""
+    from cdm.precompute.data import seq_id
+    from cdm.storage import TeacherSequence
+
+    if item[0] == "skip":
+        writer.skip(item[1], item[2])
+        return
+    for (i, e), r in zip(item[1], item[2]):
+        ids, lps, lse, ent = as_numpy([r])[0] if hasattr(r, "ids") else r
+        writer.add(TeacherSequence(
+            seq_id=seq_id(data_fp, i), text=e.text, response_spans=e.response_spans, source_index=i,
+            truncated=e.truncated, token_ids=e.token_ids, char_spans=e.char_spans,
+            topk_ids=ids, topk_logprobs=lps, logsumexp=lse, entropy=ent))
+
+
+def as_numpy(results: Any) -> list[tuple[np.ndarray, ...]]:
+    """Per-sequence TopK (host tensors) -> tuples of numpy arrays (picklable without torch's shared memory)."""
+    return [tuple(t.numpy() for t in (r.ids, r.logprobs, r.logsumexp, r.entropy)) for r in results]
+
+
+class ThreadQueue:
+    """Runs `fn(item)` for each put item on one background thread; the first error re-raises in put()/close()."""
+
+    def __init__(self, fn: Callable[[Any], None], depth: int = 4, name: str = "cdm-store-writer"):
+        self._fn = fn
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._err: BaseException | None = None
+        self._t = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:  # surfaced by put()/close()
+                    self._err = e
+
+    def put(self, item: Any) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._t.join()
+        if self._err is not None:
+            raise self._err
+
+
+class ThreadSink:
+    """The writer in this process, fed by a background thread."""
+
+    mode = "thread"
+
+    def __init__(self, writer: Any, data_fp: str):
+        self._writer = writer
+        self._q = ThreadQueue(lambda item: write_item(writer, data_fp, item))
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self._q.put(item)
+
+    def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Drain, finish the shard; (manifest, writer stats). On a writer error, commit what was added before it
+        (the shard stays resumable) and re-raise."""
+        try:
+            self._q.close()
+        except BaseException:
+            self._writer.commit()
+            raise
+        return self._writer.close(), self._writer.stats
+
+    def abort(self) -> None:
+        """Drain what was handed over and commit it (the shard stays resumable); errors here are secondary."""
+        try:
+            self._q.close()
+        except BaseException:
+            pass
+        self._writer.commit()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the writer process gets SIGKILL when its parent dies, so no orphan writes behind a resumed run."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _writer_process(conn: Any, parent: int, writer_kwargs: Mapping[str, Any], data_fp: str) -> None:
+    """Child main loop: open the shard writer, apply messages, answer 'close'/'abort' with the outcome."""
+    _die_with_parent(parent)
+    error: tuple[Any, str] | None = None
+    writer = None
+    try:
+        from cdm.storage import TeacherStoreWriter
+
+        writer = TeacherStoreWriter(**writer_kwargs)
+    except BaseException as e:
+        conn.send(("error", _picklable(e), traceback.format_exc()))
+        return
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        kind = msg[0]
+        if kind in ("add", "skip"):
+            if error is None:
+                try:
+                    write_item(writer, data_fp, msg)
+                except BaseException as e:
+                    error = (e, traceback.format_exc())
+                    conn.send(("error", _picklable(e), error[1]))
+            continue
+        try:
+            if kind == "close" and error is None:
+                conn.send(("closed", writer.close(), writer.stats))
+            else:  # abort, or close after an error: keep what was added (resumable), report the outcome
+                if writer is not None:
+                    writer.commit()
+                conn.send(("aborted", None, writer.stats if writer is not None else {}))
+        except BaseException as e:
+            conn.send(("error", _picklable(e), traceback.format_exc()))
+        return
+
+
+def _picklable(e: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+class ProcessSink:
+    """The shard writer in a child process (spawned: safe after CUDA initialisation); batches travel through a
+    pipe from a sender thread, so the device loop neither waits for encoding nor holds the GIL for it.
+
+    The parent must not write to the shard itself while this sink is open."""
+
+    mode = "process"
+
+    def __init__(self, writer_kwargs: Mapping[str, Any], data_fp: str, depth: int = 4):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_writer_process, args=(child, os.getpid(), dict(writer_kwargs), data_fp),
+                                 name="cdm-store-writer", daemon=True)
+        self._proc.start()
+        child.close()
+        try:  # wait until the child has opened the shard: open errors surface here, and timing starts warm
+            msg = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the store writer process died on start (exit code {self._proc.exitcode})") from None
+        if msg[0] == "error":
+            self._proc.join(60)
+            err = msg[1]
+            err.__notes__ = [f"in the store writer process:\n{msg[2]}"]
+            raise err
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._q = ThreadQueue(self._send, depth=depth, name="cdm-store-sender")
+
+    def _check(self) -> None:
+        """Pick up an error the child reported (without waiting)."""
+        with self._lock:
+            while self._error is None and self._conn.poll():
+                msg = self._conn.recv()
+                if msg[0] == "error":
+                    self._error = msg[1]
+                    self._error.__notes__ = [f"in the store writer process:\n{msg[2]}"]  # type: ignore[union-attr]
+        if self._error is not None:
+            raise self._error
+
+    def _send(self, item: tuple[Any, ...]) -> None:
+        self._check()
+        if item[0] == "add":
+            item = ("add", item[1], as_numpy(item[2]))
+        self._conn.send(item)
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self._q.put(item)
+
+    def _finish(self, kind: str) -> tuple[Any, dict[str, Any]]:
+        self._conn.send((kind,))
+        while True:
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                self._proc.join(5)
+                if self._error is not None:
+                    raise self._error from None
+                raise RuntimeError(f"the store writer process died (exit code {self._proc.exitcode})") from None
+            if msg[0] == "error":
+                err = msg[1]
+                err.__notes__ = [f"in the store writer process:\n{msg[2]}"]
+                self._error = self._error or err
+                continue
+            self._proc.join(60)
+            self._conn.close()
+            return msg[1], msg[2]
+
+    def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Drain, finish the shard in the child; (manifest, writer stats). Re-raises the child's first error
+        (after the child has committed what it could, so a rerun resumes)."""
+        try:
+            self._q.close()
+        except BaseException:
+            self._finish("abort")
+            raise
+        if self._error is not None:
+            self._finish("abort")
+            raise self._error
+        manifest, stats = self._finish("close")
+        if self._error is not None:
+            raise self._error
+        return manifest, stats
+
+    def abort(self) -> None:
+        try:
+            self._q.close()
+        except BaseException:
+            pass
+        try:
+            self._finish("abort")
+        except BaseException:
+            pass

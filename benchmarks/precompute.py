@@ -239,6 +239,37 @@ def bf16_vs_fp32(model_bf16, seqs, k: int, device: str) -> dict[str, Any]:
             "extractor_max_abs_err": float((mine.logprobs.double() - ref_vals).abs().max())}
 
 
+@torch.inference_mode()
+def kernel_breakdown(model, k: int, rows: int = 4096, iters: int = 20) -> dict[str, float]:
+    """Milliseconds per [rows, V] chunk of each step of the output side, timed with CUDA events: the head matmul
+    (what a bare forward pays too), top-(k + margin) selection, eager vs compiled log-sum-exp/entropy."""
+    from cdm.precompute import topk as T
+
+    head = model.get_output_embeddings()
+    h = torch.randn(rows, head.in_features, device="cuda", dtype=head.weight.dtype)
+    logits = head(h)
+    kk = k + T._margin(logits.dtype, k, logits.shape[-1])
+
+    def ms(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / iters
+
+    top = logits.topk(kk, dim=-1).values[:, :1].float()
+    return {"rows": rows, "vocab": int(logits.shape[-1]), "head_matmul_ms": ms(lambda: head(h)),
+            "topk_ms": ms(lambda: logits.topk(kk, dim=-1)),
+            "stats_eager_ms": ms(lambda: T._row_stats_eager(logits, top)),
+            "stats_compiled_ms": ms(lambda: T.compiled_stats(logits)),
+            "whole_chunk_compiled_ms": ms(lambda: T._topk_chunk(logits, k, "compiled")),
+            "whole_chunk_eager_ms": ms(lambda: T._topk_chunk(logits, k, "eager"))}
+
+
 def cuda_part(args) -> dict[str, Any]:
     if not torch.cuda.is_available():
         print("CUDA part skipped: no CUDA device on this machine", flush=True)
@@ -259,6 +290,8 @@ def cuda_part(args) -> dict[str, Any]:
         seqs = [rng.integers(0, ARCHS[arch]["vocab_size"], size=n).astype(np.int32) for n in lengths]
         entry: dict[str, Any] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                                  "build_s": time.perf_counter() - t}
+        entry["breakdown"] = kernel_breakdown(model, args.k)
+        print(f"[cuda {arch} per-chunk ms] {json.dumps(entry['breakdown'])}", flush=True)
         for budget in args.budgets_mb:
             r = compare_pipeline(model, seqs, device=dev, k=args.k, batch_tokens=args.cuda_batch_tokens,
                                  budget_mb=budget, store=store, repeats=args.repeats)
@@ -362,6 +395,16 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_num(r['bare_peak_gib'], '.1f')} / {_num(r.get('compiled_peak_gib'), '.1f')} |")
                 if r.get("compiled_failed"):
                     lines.append(f"\ntorch.compile failed ({r['compiled_failed']}): 'compiled' ran the eager path.\n")
+        lines += ["", "Per chunk of rows (CUDA events, ms): head matmul (a bare forward pays it too), top-(k+margin), "
+                  "log-sum-exp + entropy eager / compiled, the whole chunk eager / compiled:", "",
+                  "| arch | rows × V | head matmul | top-k | stats eager | stats compiled | chunk eager | chunk compiled |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for arch in ARCHS:
+            if arch in cuda and "breakdown" in cuda[arch]:
+                b = cuda[arch]["breakdown"]
+                lines.append(f"| {arch} | {b['rows']} × {b['vocab']} | {b['head_matmul_ms']:.2f} | {b['topk_ms']:.2f} | "
+                             f"{b['stats_eager_ms']:.2f} | {b['stats_compiled_ms']:.2f} | {b['whole_chunk_eager_ms']:.2f} | "
+                             f"{b['whole_chunk_compiled_ms']:.2f} |")
         lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
                   "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
         for arch in ARCHS:

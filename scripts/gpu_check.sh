@@ -2,11 +2,14 @@
 # One-shot GPU check for a lent CUDA machine whose image has torch + transformers but not the rest (see
 # benchmarks/RESULTS.md): wheels for zarr, numcodecs, rapidfuzz, typer, tqdm travel in ./.whl (ignored; fetch them
 # with `pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl zarr numcodecs donfig
-# google-crc32c rapidfuzz typer tqdm`), installed into a side folder; then the CUDA tests run. The CUDA part of the
-# precompute benchmark is `python benchmarks/precompute.py --part cuda`.
+# google-crc32c rapidfuzz typer tqdm`), installed into a side folder; then the CUDA tests and the CUDA part of the
+# precompute benchmark run; logs and results go to $OUT (or ./gpu-out).
 set -uo pipefail
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -m pip install -q --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py tests/test_losses.py
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+timeout "${CDM_GPU_TEST_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
+timeout "${CDM_GPU_BENCH_TIMEOUT:-330}" python benchmarks/precompute.py --part cuda --json "$OUT/precompute_cuda.json" \
+    --md "$OUT/precompute_cuda.md" 2>&1 | tee "$OUT/precompute_cuda.log" | grep -v "^DEBUG"

@@ -48,7 +48,7 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Every knob of the demo; the defaults take about 6 minutes on 2 idle CPU cores (twice that on a busy machine)."""
+    """Every knob of the demo; the defaults take 6-8 minutes on 2 CPU cores (7.5 min from an empty --out)."""
 
     out: str = "./cdm-demo"
     teacher_tokens: int = 30_000  # teacher-token budget (prompt + response) of the data

@@ -262,11 +262,13 @@ def kernel_breakdown(model, k: int, rows: int = 4096, iters: int = 20) -> dict[s
         return a.elapsed_time(b) / iters
 
     top = logits.topk(kk, dim=-1).values[:, :1].float()
+    select = {f"select_{name}_ms": ms(lambda f=f: f(logits, kk)) for name, f in T.SELECTORS.items()}
     return {"rows": rows, "vocab": int(logits.shape[-1]), "head_matmul_ms": ms(lambda: head(h)),
-            "topk_ms": ms(lambda: logits.topk(kk, dim=-1)),
+            "topk_ms": ms(lambda: logits.topk(kk, dim=-1)), **select, "chosen": T.choose_selector(logits, kk),
             "stats_eager_ms": ms(lambda: T._row_stats_eager(logits, top)),
             "stats_compiled_ms": ms(lambda: T.compiled_stats(logits)),
             "whole_chunk_compiled_ms": ms(lambda: T._topk_chunk(logits, k, "compiled")),
+            "whole_chunk_compiled_direct_ms": ms(lambda: T._topk_chunk(logits, k, "compiled", "direct")),
             "whole_chunk_eager_ms": ms(lambda: T._topk_chunk(logits, k, "eager"))}
 
 
@@ -299,6 +301,9 @@ def cuda_part(args) -> dict[str, Any]:
             print(f"[cuda {arch} budget {budget} MiB] {json.dumps(r)}", flush=True)
         entry["bf16_vs_fp32"] = bf16_vs_fp32(model, seqs[: args.check_seqs], args.k, dev)
         print(f"[cuda {arch} bf16 vs fp32] {json.dumps(entry['bf16_vs_fp32'])}", flush=True)
+        from cdm.precompute import topk as T
+
+        entry["selector_choices"] = {str(k): v for k, v in T._selector_choice.items()}
         res[arch] = entry
         del model
         torch.cuda.empty_cache()
@@ -397,13 +402,17 @@ def markdown(results: dict[str, Any]) -> str:
                     lines.append(f"\ntorch.compile failed ({r['compiled_failed']}): 'compiled' ran the eager path.\n")
         lines += ["", "Per chunk of rows (CUDA events, ms): head matmul (a bare forward pays it too), top-(k+margin), "
                   "log-sum-exp + entropy eager / compiled, the whole chunk eager / compiled:", "",
-                  "| arch | rows × V | head matmul | top-k | stats eager | stats compiled | chunk eager | chunk compiled |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| arch | rows × V | head matmul | top-k (sorted) | selection direct / blockmax16 / 32 / 64 (chosen) | stats eager "
+                  "| stats compiled | chunk eager | chunk compiled, direct | chunk compiled, chosen |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for arch in ARCHS:
             if arch in cuda and "breakdown" in cuda[arch]:
                 b = cuda[arch]["breakdown"]
+                sel = " / ".join(f"{b.get(f'select_{n}_ms', float('nan')):.2f}" for n in
+                                 ("direct", "blockmax16", "blockmax32", "blockmax64"))
                 lines.append(f"| {arch} | {b['rows']} × {b['vocab']} | {b['head_matmul_ms']:.2f} | {b['topk_ms']:.2f} | "
-                             f"{b['stats_eager_ms']:.2f} | {b['stats_compiled_ms']:.2f} | {b['whole_chunk_eager_ms']:.2f} | "
+                             f"{sel} ({b.get('chosen')}) | {b['stats_eager_ms']:.2f} | {b['stats_compiled_ms']:.2f} | "
+                             f"{b['whole_chunk_eager_ms']:.2f} | {b.get('whole_chunk_compiled_direct_ms', float('nan')):.2f} | "
                              f"{b['whole_chunk_compiled_ms']:.2f} |")
         lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
                   "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
@@ -428,7 +437,7 @@ def main() -> None:
     ap.add_argument("--cpu-batch-tokens", type=int, default=4096)
     ap.add_argument("--real-teacher", default=None, help="HF folder of a real teacher for an end-to-end run()")
     ap.add_argument("--archs", nargs="+", default=["smollm2-135m", "llama-1b"], choices=sorted(ARCHS))
-    ap.add_argument("--cuda-seqs", type=int, default=96)
+    ap.add_argument("--cuda-seqs", type=int, default=240)
     ap.add_argument("--cuda-min-len", type=int, default=256)
     ap.add_argument("--cuda-max-len", type=int, default=2048)
     ap.add_argument("--cuda-batch-tokens", type=int, default=16384)

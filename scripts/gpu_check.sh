@@ -10,6 +10,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python -m pip install -q --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
-timeout "${CDM_GPU_TEST_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
+timeout "${CDM_GPU_TEST_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py -k "${CDM_GPU_TEST_K:-}" 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
 timeout "${CDM_GPU_BENCH_TIMEOUT:-330}" python benchmarks/precompute.py --part cuda --json "$OUT/precompute_cuda.json" \
     --md "$OUT/precompute_cuda.md" 2>&1 | tee "$OUT/precompute_cuda.log" | grep -v "^DEBUG"

@@ -135,3 +135,22 @@ def test_pipelined_cuda_backend_with_process_writer_matches_cpu(tmp_path, tiny_t
     except AssertionError:  # fp32 CPU vs GPU near-ties may swap an id: compare with a tolerance instead
         a, b = TeacherStore(urls[0]), TeacherStore(urls[1])
         assert np.mean([np.mean(a[i].topk_ids == b[i].topk_ids) for i in range(len(a))]) > 0.99
+
+
+@pytest.mark.parametrize("select", ["direct", "blockmax16", "blockmax32", "blockmax64"])
+def test_topk_selectors_on_cuda_match_float64(select):
+    """Every exact selection the autotuner may pick, on CUDA bf16 logits with heavy ties and continuous values."""
+    from cdm.precompute import topk as T
+
+    g = torch.Generator().manual_seed(2)
+    cont = torch.randn(300, 49152, generator=g) * 4
+    tied = torch.randint(0, 6, (300, 49152), generator=g).float()
+    for x in (cont, tied):
+        xb = x.to(torch.bfloat16)
+        r = T.PendingTopK(*T._topk_chunk(xb.to("cuda"), 128, "compiled", select), 128,
+                          lambda idx, xc=xb.to("cuda"): xc[idx]).resolve()
+        ref = torch.log_softmax(xb.double(), -1)
+        ids = torch.sort(ref, dim=-1, descending=True, stable=True).indices[:, :128]
+        assert torch.equal(r.ids.long().cpu(), ids)
+    chosen = T.choose_selector(cont.to(torch.bfloat16).to("cuda"), 192)
+    assert chosen in T.SELECTORS

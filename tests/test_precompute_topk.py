@@ -196,3 +196,35 @@ def test_async_tie_fixups_recompute_whole_chunks():
     ids, lp, *_ = reference(x.float().numpy(), 4)
     np.testing.assert_array_equal(r.ids.numpy(), ids)
     np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=5e-5)  # fp32 sums of logits up to 400
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), v=st.integers(2, 3000), k=st.integers(1, 80),
+       levels=st.sampled_from([2, 5, 0]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       select=st.sampled_from(sorted(topk_mod.SELECTORS)))
+def test_every_selector_gives_the_reference_topk(seed, n, v, k, levels, dtype, select):
+    """Each exact top-k selection (one topk, or block maxima then topk on the candidate blocks) gives the float64
+    reference ids, with ties (few levels) and without (levels=0: continuous values), partial last blocks included."""
+    k = min(k, v)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, size=(n, v)).astype(np.float32) if levels else rng.standard_normal((n, v)).astype(np.float32) * 4
+    x = torch.from_numpy(x).to(dtype)
+    kk = k + topk_mod._margin(dtype, k, v)
+    vals, sel_ids = topk_mod.SELECTORS[select](x, kk)
+    assert torch.equal(x.gather(1, sel_ids), vals) and all(len(set(r)) == kk for r in sel_ids.tolist())
+    r = topk_mod.PendingTopK(*topk_mod._topk_chunk(x, k, "eager", select), k, lambda idx: x[idx]).resolve()
+    ids, lp, *_ = reference(x.float().numpy(), k)
+    np.testing.assert_array_equal(r.ids.numpy(), ids)
+    np.testing.assert_allclose(r.logprobs.numpy(), lp, atol=1e-4)
+
+
+def test_selector_autotune_picks_and_remembers_a_valid_method(monkeypatch):
+    monkeypatch.delenv("CDM_TOPK_SELECT", raising=False)
+    monkeypatch.setattr(topk_mod, "_selector_choice", {})
+    x = torch.randn(64, 4000)
+    assert topk_mod.choose_selector(x, 20) == "direct"  # CPU: no timing
+    chosen = topk_mod.choose_selector(x, 20, autotune=True)
+    assert chosen in topk_mod.SELECTORS and list(topk_mod._selector_choice.values()) == [chosen]
+    monkeypatch.setenv("CDM_TOPK_SELECT", "nope")
+    with pytest.raises(ValueError, match="CDM_TOPK_SELECT"):
+        topk_mod.choose_selector(x, 20)

@@ -129,6 +129,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _warm_up() -> None:
+    """Import what the first commit needs (Parquet, the codecs, Blosc) before the parent is told 'ready'."""
+    import io
+
+    import numcodecs  # noqa: F401
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+    import zarr.codecs  # noqa: F401
+
+    pq.write_table(pa.table({"x": [1]}), io.BytesIO())
+    zarr.create_array(store={}, shape=(4,), chunks=(4,), dtype="int32", compressors=[zarr.codecs.BloscCodec()])[:] = 1
+
+
 def _writer_process(conn: Any, parent: int, writer_kwargs: Mapping[str, Any], data_fp: str) -> None:
     """Child main loop: open the shard writer, apply messages, answer 'close'/'abort' with the outcome."""
     _die_with_parent(parent)
@@ -138,6 +152,7 @@ def _writer_process(conn: Any, parent: int, writer_kwargs: Mapping[str, Any], da
         from cdm.storage import TeacherStoreWriter
 
         writer = TeacherStoreWriter(**writer_kwargs)
+        _warm_up()
     except BaseException as e:
         conn.send(("error", _picklable(e), traceback.format_exc()))
         return
@@ -244,8 +259,7 @@ class ProcessSink:
                 err.__notes__ = [f"in the store writer process:\n{msg[2]}"]
                 self._error = self._error or err
                 continue
-            self._proc.join(60)
-            self._conn.close()
+            self._conn.close()  # the child has finished the shard and now exits on its own (no wait here)
             return msg[1], msg[2]
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import logging
 import os
+import time
 import warnings
 from typing import Any, Callable
 
@@ -135,17 +136,83 @@ def resolve_stats_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
-def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager") -> tuple[TopK, torch.Tensor]:
+def select_direct(x: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk largest entries of each row (unordered): one torch.topk over the whole row."""
+    return x.topk(kk, dim=-1, sorted=False)
+
+
+def select_blockmax(x: torch.Tensor, kk: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kk largest entries of each row (unordered) via block maxima, reading the row once instead of in several
+    radix passes: with t the kk-th largest maximum of `block`-sized blocks, at least kk entries are >= t, so every
+    entry of the row's top-kk is >= t and lies in one of the kk blocks whose maximum is >= t; top-k then runs on
+    those kk * block candidates. Entries tied with the kk-th value may differ from `select_direct`'s choice;
+    `_topk_chunk` only relies on the kk-th value, which is the same."""
+    rows, vocab = x.shape
+    nb = vocab // block
+    if nb < kk or block * kk >= vocab:
+        return select_direct(x, kk)
+    main = x[:, : nb * block]
+    main = main.view(rows, nb, block) if x.is_contiguous() else main.reshape(rows, nb, block)
+    _, blocks = main.amax(-1).topk(kk, dim=-1, sorted=False)  # [rows, kk]
+    cand = main.gather(1, blocks[:, :, None].expand(rows, kk, block)).reshape(rows, kk * block)
+    ids = (blocks[:, :, None] * block + torch.arange(block, device=x.device)).reshape(rows, kk * block)
+    if nb * block < vocab:  # the last partial block is always a candidate
+        cand = torch.cat([cand, x[:, nb * block :]], 1)
+        ids = torch.cat([ids, torch.arange(nb * block, vocab, device=x.device).expand(rows, -1)], 1)
+    vals, j = cand.topk(kk, dim=-1, sorted=False)
+    return vals, ids.gather(-1, j)
+
+
+SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
+    "direct": select_direct,
+    **{f"blockmax{b}": (lambda x, kk, b=b: select_blockmax(x, kk, b)) for b in (16, 32, 64)},
+}
+_selector_choice: dict[tuple[Any, ...], str] = {}
+
+
+def _time_selector(fn: Callable[[], Any], device: torch.device, reps: int = 3) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
+def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None) -> str:
+    """Which exact top-kk selection to use for chunks like `x`: $CDM_TOPK_SELECT if set; 'direct' on CPU (where it
+    measured fastest); on an accelerator (or with `autotune`) the fastest candidate, timed once on the first chunk
+    of each (device, dtype, vocabulary, kk)."""
+    forced = os.environ.get("CDM_TOPK_SELECT")
+    if forced:
+        if forced not in SELECTORS:
+            raise ValueError(f"CDM_TOPK_SELECT must be one of {sorted(SELECTORS)}, got {forced!r}")
+        return forced
+    if not (autotune if autotune is not None else x.device.type != "cpu"):
+        return "direct"
+    key = (str(x.device), x.dtype, x.shape[-1], kk)
+    if key not in _selector_choice:
+        times = {name: _time_selector(lambda f=f: f(x, kk), x.device) for name, f in SELECTORS.items()}
+        _selector_choice[key] = min(times, key=times.get)  # type: ignore[arg-type]
+        log.info("top-k selection for %s: %s (%s)", key, _selector_choice[key],
+                 ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in times.items()))
+    return _selector_choice[key]
+
+
+def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str | None = None) -> tuple[TopK, torch.Tensor]:
     """One chunk -> (statistics, overflow [rows] bool) without any host synchronisation.
 
     Top-k is selected on the logits in their own dtype with a margin for ties; `overflow` marks rows whose tie
     group at the k-th place runs past the fetched candidates (their ids are fixed later by `_exact_topk`)."""
     vocab = logits.shape[-1]
     kk = k + _margin(logits.dtype, k, vocab)
-    vals, ids = logits.topk(kk, dim=-1)  # descending; vals[:, 0] is the row max
+    vals, ids = SELECTORS[select or choose_selector(logits, kk)](logits, kk)
+    vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max
     stats = compiled_stats(logits) if impl == "compiled" else None
     lse, entropy = stats if stats is not None else _row_stats_eager(logits, vals[:, :1].float())
-    vals, ids = _order_ties_by_id(vals, ids)
     overflow = (vals[:, k - 1] == vals[:, kk - 1]) if kk < vocab else torch.zeros_like(lse, dtype=torch.bool)
     vals, ids = vals[:, :k].float(), ids[:, :k]
     return TopK(ids.to(torch.int32), vals - lse[:, None], lse, entropy), overflow

@@ -19,6 +19,7 @@ files newer than it. A shard is complete once its entry in ``shards/`` exists; t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -157,6 +158,18 @@ class _State:
             "parts": self.parts or [],
             "skipped": self.skipped or [],
         }
+
+
+def _write_concurrently(writes: dict[str, tuple[zarr.Array, int, np.ndarray]]) -> None:
+    """arr[start:start+len(data)] = data for every field at once: one event-loop gather, so the chunks of all
+    fields are encoded and compressed concurrently (Blosc releases the GIL) instead of field after field."""
+    from zarr.core.sync import sync
+
+    async def all_fields() -> None:
+        await asyncio.gather(*(arr._async_array.setitem(slice(start, start + len(data)), data)
+                               for arr, start, data in writes.values()))
+
+    sync(all_fields())
 
 
 class RaggedShardWriter:
@@ -335,9 +348,9 @@ class RaggedShardWriter:
         n_full = (total // self.chunk_rows) * self.chunk_rows
         if n_full:
             start = st.rows_in_zarr
-            for name, arr in self._arrays.items():
+            for arr in self._arrays.values():
                 arr.resize((start + n_full, *arr.shape[1:]))
-                arr[start : start + n_full] = rows[name][:n_full]
+            _write_concurrently({name: (arr, start, rows[name][:n_full]) for name, arr in self._arrays.items()})
         gen = st.gen + 1
         tail = {k: v[n_full:] for k, v in rows.items()}
         if total - n_full:
@@ -377,9 +390,9 @@ class RaggedShardWriter:
         self.commit()
         st = self.state
         if st.tail_rows:
-            for name, arr in self._arrays.items():
+            for arr in self._arrays.values():
                 arr.resize((st.rows_in_zarr + st.tail_rows, *arr.shape[1:]))
-                arr[st.rows_in_zarr :] = self._tail[name]
+            _write_concurrently({name: (arr, st.rows_in_zarr, self._tail[name]) for name, arr in self._arrays.items()})
         tables = [pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, p))) for p in st.parts or []]
         table = pa.concat_tables(tables) if tables else self.row_schema.empty_table()
         offsets = np.zeros(table.num_rows + 1, dtype=np.int64)

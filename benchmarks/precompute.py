@@ -382,6 +382,14 @@ def markdown(results: dict[str, Any]) -> str:
             r = cpu["real_teacher"]
             lines += [f"Real teacher end to end (`run()`, incl. loading): {r['tokens']} tokens, "
                       f"{r['tok_s_incl_load']:.0f} tok/s, {r['bytes_per_token']:.1f} bytes/token.", ""]
+    w = results.get("writer")
+    if w:
+        lines += [f"Store writer alone ({w['cpus']} CPUs, {w['tokens']:,} synthetic tokens, K={w['k']}, lossless codec):", "",
+                  "| thread, fields one by one (baseline) | thread, fields concurrently | process | × baseline "
+                  "| main loop speed beside: thread writer | beside: process writer |", "|---|---|---|---|---|---|",
+                  f"| {w['thread_sequential_fields_tok_s']:,.0f} tok/s | {w['thread_tok_s']:,.0f} tok/s | "
+                  f"{w['process_tok_s']:,.0f} tok/s | {w['concurrent_fields_speedup']:.2f} | "
+                  f"{w['main_loop_beside_thread_ratio']:.2f} | {w['main_loop_beside_process_ratio']:.2f} |", ""]
     cuda = results.get("cuda")
     if cuda and "skipped" not in cuda:
         lines += [f"CUDA: {cuda['gpu']}, torch {cuda['torch']}, transformers {cuda['transformers']}, bf16, random "
@@ -427,9 +435,86 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def synthetic_results(n_tokens: int, k: int = 128, vocab: int = 49152, seed: int = 0):
+    """Sequences with realistic-looking top-k (Zipf ids, sorted log-probs) for writer-only measurements."""
+    from cdm.precompute.topk import TopK
+
+    rng = np.random.default_rng(seed)
+    lengths, total = [], 0
+    while total < n_tokens:
+        lengths.append(int(rng.integers(256, 2048)))
+        total += lengths[-1]
+    seqs = [rng.integers(0, vocab, n).astype(np.int32) for n in lengths]
+    results = []
+    for n in lengths:
+        ids = (np.minimum(rng.zipf(1.3, size=(n, k)), vocab - 1) + np.arange(k)[None] * 7) % vocab
+        lp = np.sort(-rng.gamma(2.0, 2.0, size=(n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+        results.append(TopK(torch.from_numpy(ids.astype(np.int32)), torch.from_numpy(lp), torch.zeros(n), torch.ones(n)))
+    return seqs, make_items(seqs), results, total
+
+
+def _launch_like_loop(seconds: float) -> float:
+    """Python-heavy work like a launch-bound decoder (many tiny torch ops): operations per second."""
+    x = torch.ones(8)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(200):
+            x = x * 1.0001 + 0.0001
+        n += 400
+    return n / (time.perf_counter() - t0)
+
+
+def writer_part(args) -> dict[str, Any]:
+    """The store writer alone: tokens/s of the thread writer with fields written one after another (baseline) or
+    concurrently, and of the process writer; then how much each slows a Python-heavy main loop running beside it
+    (the device loop that launches kernels), as a ratio of the loop's speed alone."""
+    import cdm.storage.ragged as ragged
+
+    torch.set_num_threads(1)
+    seqs, items, results, tokens = synthetic_results(args.writer_tokens, k=args.k)
+    batches = [list(range(i, min(i + 8, len(seqs)))) for i in range(0, len(seqs), 8)]
+    backend = type("B", (), {"vocab_size": 49152})()
+    out: dict[str, Any] = {"tokens": tokens, "k": args.k, "cpus": os.cpu_count()}
+
+    def write_all(mode: str, concurrent: bool, beside: float = 0.0) -> tuple[float, float | None]:
+        ragged.CONCURRENT_FIELD_WRITES = concurrent
+        with tempfile.TemporaryDirectory() as d:
+            sink = open_sink(mode, os.path.join(d, "s"), backend, args.k)
+            t = time.perf_counter()
+            rate: list[float] = []
+            th = None
+            if beside:
+                import threading
+
+                th = threading.Thread(target=lambda: rate.append(_launch_like_loop(beside)))
+                th.start()
+            for b in batches:
+                sink.put(("add", [(i, items[i]) for i in b], [results[i] for i in b]))
+            sink.close()
+            wall = time.perf_counter() - t
+            if th is not None:
+                th.join()
+        ragged.CONCURRENT_FIELD_WRITES = True
+        return wall, (rate[0] if rate else None)
+
+    runs = {"thread_sequential_fields": ("thread", False), "thread": ("thread", True), "process": ("process", True)}
+    for name, (mode, conc) in runs.items():
+        walls = [write_all(mode, conc)[0] for _ in range(args.repeats)]
+        out[f"{name}_tok_s"] = tokens / min(walls)
+    out["concurrent_fields_speedup"] = out["thread_tok_s"] / out["thread_sequential_fields_tok_s"]
+    alone = _launch_like_loop(2.0)
+    out["main_loop_alone_ops_s"] = alone
+    for name in ("thread", "process"):
+        wall, rate = write_all(name, True, beside=1.5)
+        out[f"main_loop_beside_{name}_ratio"] = (rate or 0.0) / alone
+    print(f"[writer] {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["cpu", "cuda", "all"], default="all")
+    ap.add_argument("--part", choices=["cpu", "cuda", "writer", "all"], default="all")
+    ap.add_argument("--writer-tokens", type=int, default=200_000)
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
@@ -451,6 +536,8 @@ def main() -> None:
         results["cpu"] = cpu_part(args)
     if args.part in ("cuda", "all"):
         results["cuda"] = cuda_part(args)
+    if args.part in ("writer", "all"):
+        results["writer"] = writer_part(args)
     md = markdown(results)
     print(md)
     if args.json:

@@ -46,8 +46,8 @@ def precompute_command(
     tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="vllm backend: GPUs per "
                                                       "engine (tensor parallelism) for big teachers.")] = 1,
     writer: Annotated[str, typer.Option("--writer", help="Where the store is encoded and written: thread, process "
-                                        "(a child process: no GIL shared with the device loop), auto (process on "
-                                        "GPU, thread on CPU).")] = "auto",
+                                        "(a child process: no GIL shared with the device loop, but a pipe "
+                                        "transfer), auto (= thread; see benchmarks/RESULTS.md).")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Also print the result as JSON on stdout.")] = False,
 ) -> None:

@@ -165,6 +165,9 @@ def run(
     `out` is the store path/URL; without it the store lives under ``<cache_dir>/stores/<key[:24]>`` so runs
     that need the same signal share it. Re-running resumes; a finished store is a no-op. Returns what was done.
     `data_cache_dir` is where `datasets` keeps its Arrow cache of the input files (default: its own).
+    `writer_mode`: 'thread' encodes and writes the store on a background thread, 'process' in a child process
+    (no GIL shared with the device loop, but a pipe transfer); 'auto' = thread (measured faster so far, see
+    benchmarks/RESULTS.md).
     """
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, file=sys.stderr))

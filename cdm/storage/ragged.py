@@ -160,10 +160,18 @@ class _State:
         }
 
 
+CONCURRENT_FIELD_WRITES = True  # False: field after field (the baseline of benchmarks/precompute.py --part writer)
+
+
 def _write_concurrently(writes: dict[str, tuple[zarr.Array, int, np.ndarray]]) -> None:
     """arr[start:start+len(data)] = data for every field at once: one event-loop gather, so the chunks of all
     fields are encoded and compressed concurrently (Blosc releases the GIL) instead of field after field."""
     from zarr.core.sync import sync
+
+    if not CONCURRENT_FIELD_WRITES:
+        for arr, start, data in writes.values():
+            arr[start : start + len(data)] = data
+        return
 
     async def all_fields() -> None:
         await asyncio.gather(*(arr._async_array.setitem(slice(start, start + len(data)), data)

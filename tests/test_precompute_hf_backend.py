@@ -92,3 +92,24 @@ def test_bf16_keeps_top_ids_close_to_fp32(tiny_teacher, tokenizer):
         top1 = (a.ids[:, 0] == b.ids[:, 0]).float().mean().item()
         assert top1 > 0.8
         assert a.logprobs.dtype == torch.float32 and torch.all(a.entropy >= 0)
+
+
+def test_tie_fixups_after_the_batch_was_queued(model, tokenizer):
+    """Output-head rows duplicated in groups make exact ties at the k-th place in fp32 (more than the one extra
+    candidate fetched), so every row needs the deferred fix-up, which re-runs lm_head outside the submit() call;
+    ids follow the (log-prob desc, id asc) order of a float64 stable sort."""
+    import copy
+
+    tied = copy.deepcopy(model)
+    with torch.no_grad():
+        w = tied.get_output_embeddings().weight
+        w[:] = w[(torch.arange(w.shape[0]) // 4) * 4]  # ids 4j..4j+3 share one output row
+    seqs = encode(tokenizer, [r["text"] for r in text_records(4, seed=8)])
+    backend = HFBackend(tied, k=6, batch_tokens=400, memory_budget=4 * 1000 * 5)
+    pending = [backend.submit([s]) for s in seqs]  # all queued before any result is read
+    for s, p in zip(seqs, pending):
+        (r,) = p.result()
+        lp, _, _ = reference_rows(tied, s, 6)
+        ids = torch.sort(lp, dim=-1, descending=True, stable=True).indices[:, :6]
+        assert torch.equal(r.ids.long(), ids)
+        np.testing.assert_allclose(r.logprobs.numpy(), lp.gather(-1, ids).numpy(), atol=2e-5)

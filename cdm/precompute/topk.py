@@ -262,10 +262,11 @@ class PendingTopK:
         if overflow.numel() and bool(overflow.any()):  # a tie group at the k-th place ran past the candidates
             rows = overflow.nonzero()[:, 0]
             dev_rows = rows.to(self._dev.ids.device)
-            vals, ids = _exact_topk(self._rows_logits(dev_rows).float(), self.k)
-            vals = vals - self._dev.logsumexp[dev_rows, None]
-            res.ids[rows] = ids.to(res.ids.device, torch.int32)
-            res.logprobs[rows] = vals.to(res.logprobs.device)
+            with torch.inference_mode():  # lm_head on inference tensors, in-place updates of inference tensors
+                vals, ids = _exact_topk(self._rows_logits(dev_rows).float(), self.k)
+                vals = vals - self._dev.logsumexp[dev_rows, None]
+                res.ids[rows] = ids.to(res.ids.device, torch.int32)
+                res.logprobs[rows] = vals.to(res.logprobs.device)
         self._dev = self._overflow = self._rows_logits = None  # type: ignore[assignment]
         return res
 

@@ -323,6 +323,19 @@ def cpu_part(args) -> dict[str, Any]:
     res["pipeline"] = compare_pipeline(model, seqs, device="cpu", k=args.k, batch_tokens=args.cpu_batch_tokens,
                                        budget_mb=256, store=have_zarr(), repeats=args.repeats)
     print(f"[cpu cpu-small] {json.dumps(res['pipeline'])}", flush=True)
+    if args.real_teacher:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        rtok = AutoTokenizer.from_pretrained(args.real_teacher)
+        rmodel = AutoModelForCausalLM.from_pretrained(args.real_teacher, dtype=torch.float32).eval()
+        rseqs = [np.asarray(rtok(t)["input_ids"], dtype=np.int32) for t in texts]
+        res["real_pipeline"] = compare_pipeline(rmodel, rseqs, device="cpu", k=args.k,
+                                                batch_tokens=args.cpu_batch_tokens, budget_mb=256, store=have_zarr(),
+                                                repeats=args.repeats)
+        res["real_pipeline"]["model"] = os.path.basename(os.path.normpath(args.real_teacher))
+        res["real_pipeline"]["vocab"] = len(rtok)
+        print(f"[cpu real teacher pipeline] {json.dumps(res['real_pipeline'])}", flush=True)
+        del rmodel
     if args.real_teacher and have_zarr():
         res["real_teacher"] = end_to_end(args.real_teacher, texts, args.k)
         print(f"[cpu real teacher] {json.dumps(res['real_teacher'])}", flush=True)
@@ -378,6 +391,11 @@ def markdown(results: dict[str, Any]) -> str:
                   f"| {p['bare_tok_s']:,.0f} | {_variant_cells(p)} | {p.get('bytes_per_token', float('nan')):.1f} |", ""]
         if p.get("compiled_failed"):
             lines += [f"torch.compile failed here ({p['compiled_failed']}): 'compiled' ran the eager path.", ""]
+        if "real_pipeline" in cpu:
+            q = cpu["real_pipeline"]
+            lines += [f"Real teacher `{q['model']}` (fp32, vocab {q['vocab']}), same texts, {q['tokens']} tokens:", "",
+                      f"| bare forward tok/s | {VARIANT_HEADER} | bytes/token |", "|---|---|---|---|---|---|",
+                      f"| {q['bare_tok_s']:,.0f} | {_variant_cells(q)} | {q.get('bytes_per_token', float('nan')):.1f} |", ""]
         if "real_teacher" in cpu:
             r = cpu["real_teacher"]
             lines += [f"Real teacher end to end (`run()`, incl. loading): {r['tokens']} tokens, "

@@ -13,6 +13,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ("cpu", "cuda")  # tests/test_cuda.py can be dry-run on CPU with DEVICES = ("cpu", "cpu")
 
 
+def _exact_fix(x, rows, k, lse):
+    """Tie fix-up for a single chunk `x`: exact ids and log-probs of `rows`."""
+    from cdm.precompute import topk as T
+
+    vals, ids = T._exact_topk(x[rows].float(), k)
+    return ids, vals - lse[rows, None]
+
+
 def test_hf_backend_on_cuda_matches_cpu(tiny_teacher, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -147,8 +155,9 @@ def test_topk_selectors_on_cuda_match_float64(select):
     tied = torch.randint(0, 6, (300, 49152), generator=g).float()
     for x in (cont, tied):
         xb = x.to(torch.bfloat16)
-        r = T.PendingTopK(*T._topk_chunk(xb.to("cuda"), 128, "compiled", select), 128,
-                          lambda idx, xc=xb.to("cuda"): xc[idx]).resolve()
+        xc = xb.to("cuda")
+        res, overflow = T._topk_chunk(xc, 128, "compiled", select)
+        r = T.PendingTopK(res, overflow, 128, lambda rows: _exact_fix(xc, rows, 128, res.logsumexp)).resolve()
         ref = torch.log_softmax(xb.double(), -1)
         ids = torch.sort(ref, dim=-1, descending=True, stable=True).indices[:, :128]
         assert torch.equal(r.ids.long().cpu(), ids)

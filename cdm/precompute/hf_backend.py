@@ -12,7 +12,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from cdm.precompute.topk import DEFAULT_MEMORY_BUDGET, PendingTopK, TopK, rows_per_chunk, topk_stats, topk_stats_async
+from cdm.precompute.topk import (
+    DEFAULT_MEMORY_BUDGET,
+    PendingTopK,
+    TopK,
+    _no_fix,
+    rows_per_chunk,
+    topk_stats,
+    topk_stats_async,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +152,7 @@ class HFBackend:
                                         impl=self.stats_impl))
             res = TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
             pending = PendingTopK(res, torch.zeros(res.ids.shape[0], dtype=torch.bool, device=res.ids.device),
-                                  self.k, lambda idx: None)  # type: ignore[arg-type,return-value]
+                                  self.k, _no_fix)  # already resolved: nothing to fix
         return PendingBatch(pending.to_host(), lengths)
 
     def forward(self, seqs: Sequence[np.ndarray]) -> list[TopK]:

@@ -228,12 +228,13 @@ class PendingTopK:
     """Top-k statistics whose device work is queued but not waited for.
 
     `to_host()` queues non-blocking copies into pinned host memory; `resolve()` waits, checks the log-sum-exp,
-    fixes the rare rows whose k-th place tie ran past the fetched candidates (recomputing their logits through
-    `rows_logits`) and returns the final TopK (on the host after `to_host()`, else on the device)."""
+    fixes the rare rows whose k-th place tie ran past the fetched candidates (`fix_rows(rows)` -> exact ids and
+    log-probs of those rows, on the device) and returns the final TopK (on the host after `to_host()`, else on the
+    device)."""
 
     def __init__(self, result: TopK, overflow: torch.Tensor, k: int,
-                 rows_logits: Callable[[torch.Tensor], torch.Tensor]):
-        self._dev, self._overflow, self.k, self._rows_logits = result, overflow, k, rows_logits
+                 fix_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self._dev, self._overflow, self.k, self._fix_rows = result, overflow, k, fix_rows
         self._host: tuple[TopK, torch.Tensor] | None = None
         self._event: Any = None
 
@@ -263,11 +264,10 @@ class PendingTopK:
             rows = overflow.nonzero()[:, 0]
             dev_rows = rows.to(self._dev.ids.device)
             with torch.inference_mode():  # lm_head on inference tensors, in-place updates of inference tensors
-                vals, ids = _exact_topk(self._rows_logits(dev_rows).float(), self.k)
-                vals = vals - self._dev.logsumexp[dev_rows, None]
+                ids, logprobs = self._fix_rows(dev_rows)
                 res.ids[rows] = ids.to(res.ids.device, torch.int32)
-                res.logprobs[rows] = vals.to(res.logprobs.device)
-        self._dev = self._overflow = self._rows_logits = None  # type: ignore[assignment]
+                res.logprobs[rows] = logprobs.to(res.logprobs.device)
+        self._dev = self._overflow = self._fix_rows = None  # type: ignore[assignment]
         return res
 
 
@@ -278,13 +278,10 @@ def topk_stats_async(
     n_rows: int | None = None,
     vocab_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    rows_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
     impl: str = "auto",
 ) -> PendingTopK:
-    """Queue the work of `topk_stats` without waiting for the device; see `PendingTopK`.
-
-    `rows_logits(index)` gives the logits of arbitrary rows (needed only for rare tie fix-ups); by default each
-    such row's chunk is produced again through the (start, stop) producer."""
+    """Queue the work of `topk_stats` without waiting for the device; see `PendingTopK`. Rows needing a tie fix-up
+    get it from their chunk, produced again once per chunk (same shapes as the first pass, hence the same logits)."""
     if isinstance(logits, torch.Tensor):
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D [tokens, vocab], got shape {tuple(logits.shape)}")
@@ -294,7 +291,6 @@ def topk_stats_async(
         def produce(a: int, b: int) -> torch.Tensor:
             return source[a:b]
 
-        rows_logits = rows_logits or (lambda idx: source[idx])
         device = logits.device
     else:
         if n_rows is None or vocab_size is None:
@@ -304,15 +300,6 @@ def topk_stats_async(
     if not 1 <= k <= vocab_size:
         raise ValueError(f"top-k must be in [1, vocab size {vocab_size}], got {k}")
     step = rows_per_chunk(vocab_size, memory_budget)
-    if rows_logits is None:
-        def rows_logits(idx: torch.Tensor) -> torch.Tensor:
-            """Recompute whole chunks (same shapes as the first pass, hence bitwise the same logits)."""
-            out = []
-            for r in idx.tolist():
-                a = (int(r) // step) * step
-                out.append(produce(a, min(a + step, n_rows))[int(r) - a : int(r) - a + 1])
-            return torch.cat(out)
-
     parts = []
     for a in range(0, n_rows, step):
         chunk = produce(a, min(a + step, n_rows))
@@ -321,9 +308,28 @@ def topk_stats_async(
         device = device or torch.device("cpu")
         empty = torch.empty(0, device=device)
         res = TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
-        return PendingTopK(res, torch.zeros(0, dtype=torch.bool, device=device), k, rows_logits)
+        return PendingTopK(res, torch.zeros(0, dtype=torch.bool, device=device), k, _no_fix)
     res = TopK(*(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
-    return PendingTopK(res, torch.cat([o for _, o in parts]), k, rows_logits)
+    lse = res.logsumexp
+
+    def fix_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of `rows` (ascending), chunk by chunk: memory stays within the chunk budget."""
+        ids_out, lp_out = [], []
+        chunk_of = rows // step
+        for c in torch.unique(chunk_of).tolist():
+            sel = rows[chunk_of == c]
+            a = int(c) * step
+            x = produce(a, min(a + step, n_rows))[sel - a].float()
+            vals, ids = _exact_topk(x, k)
+            ids_out.append(ids)
+            lp_out.append(vals - lse[sel, None])
+        return torch.cat(ids_out), torch.cat(lp_out)
+
+    return PendingTopK(res, torch.cat([o for _, o in parts]), k, fix_rows)
+
+
+def _no_fix(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    raise AssertionError("no row of an empty or already exact result needs a tie fix-up")
 
 
 def topk_stats(

@@ -25,7 +25,10 @@ class AssetMissing(RuntimeError):
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("CDM_CACHE", Path.home() / ".cache" / "cdm"))
+    """$CDM_CACHE (or $CDM_CACHE_DIR), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm; assets go in its assets/."""
+    from cdm.paths import cache_dir
+
+    return cache_dir(prefer="CDM_CACHE")
 
 
 def _package_dir(name: str) -> Path:

@@ -238,9 +238,12 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def asset_cache(out: Path) -> Path:
-    """Where the extracted teacher and student tokenizer live: $CDM_CACHE when set (shared across runs), else
-    ``out/cache`` (everything the demo writes stays under --out; converting the teacher again costs ~20 s)."""
-    env = os.environ.get("CDM_CACHE")
+    """Where the extracted teacher and student tokenizer live: $CDM_CACHE (or $CDM_CACHE_DIR) when set (shared
+    across runs), else ``out/cache`` (everything the demo writes stays under --out; converting the teacher again
+    costs ~20 s)."""
+    from cdm.paths import cache_env
+
+    env = cache_env(prefer="CDM_CACHE")
     return Path(env) if env else out / "cache"
 
 

@@ -201,7 +201,10 @@ def test_asset_cache_is_under_out_unless_cdm_cache_is_set(monkeypatch, tmp_path)
     from cdm.demo import asset_cache
 
     monkeypatch.delenv("CDM_CACHE", raising=False)
+    monkeypatch.delenv("CDM_CACHE_DIR", raising=False)
     assert asset_cache(tmp_path / "o") == tmp_path / "o" / "cache"
+    monkeypatch.setenv("CDM_CACHE_DIR", str(tmp_path / "all"))  # either name shares the assets
+    assert asset_cache(tmp_path / "o") == tmp_path / "all"
     monkeypatch.setenv("CDM_CACHE", str(tmp_path / "shared"))
     assert asset_cache(tmp_path / "o") == tmp_path / "shared"
 

@@ -125,6 +125,9 @@ def _offline(monkeypatch, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "caches"
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache / "datasets"))
+    from cdm.assets import default_cache
+
+    monkeypatch.setenv("CDM_CACHE", str(default_cache()))  # extracted real assets stay shared between tests
     monkeypatch.setenv("CDM_CACHE_DIR", str(cache / "cdm"))
 
 

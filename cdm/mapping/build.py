@@ -39,7 +39,10 @@ VOCAB_DONE = "vocab.done"  # marker written after every vocab/ array, so a build
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CDM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cdm")
+    """$CDM_CACHE_DIR (or $CDM_CACHE), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+    from cdm.paths import cache_dir
+
+    return cache_dir()
 
 
 @dataclass

@@ -33,7 +33,7 @@ def precompute_command(
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Data-parallel workers "
                                                       "(default: $WORLD_SIZE, else 1).")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This worker (default: $RANK, else 0).")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default ~/.cache/cdm).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR, else ~/.cache/cdm).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
@@ -76,7 +76,7 @@ def precompute_command(
 
 
 def ls_command(
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default ~/.cache/cdm).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR, else ~/.cache/cdm).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """List cached teacher stores with their size and provenance."""

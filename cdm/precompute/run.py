@@ -39,11 +39,10 @@ STORES_SUBDIR = "stores"
 
 
 def default_cache_dir() -> str:
-    """$CDM_CACHE_DIR, else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
-    if os.environ.get("CDM_CACHE_DIR"):
-        return os.environ["CDM_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cdm")
+    """$CDM_CACHE_DIR (or $CDM_CACHE), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+    from cdm.paths import cache_dir
+
+    return str(cache_dir())
 
 
 def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:

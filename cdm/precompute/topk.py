@@ -155,12 +155,15 @@ def select_blockmax(x: torch.Tensor, kk: int, block: int) -> tuple[torch.Tensor,
     main = main.view(rows, nb, block) if x.is_contiguous() else main.reshape(rows, nb, block)
     _, blocks = main.amax(-1).topk(kk, dim=-1, sorted=False)  # [rows, kk]
     cand = main.gather(1, blocks[:, :, None].expand(rows, kk, block)).reshape(rows, kk * block)
-    ids = (blocks[:, :, None] * block + torch.arange(block, device=x.device)).reshape(rows, kk * block)
     if nb * block < vocab:  # the last partial block is always a candidate
         cand = torch.cat([cand, x[:, nb * block :]], 1)
-        ids = torch.cat([ids, torch.arange(nb * block, vocab, device=x.device).expand(rows, -1)], 1)
     vals, j = cand.topk(kk, dim=-1, sorted=False)
-    return vals, ids.gather(-1, j)
+    # candidate position -> vocabulary id, without materialising an id per candidate
+    in_blocks = j < kk * block
+    jb = torch.where(in_blocks, j, 0)
+    ids = blocks.gather(1, jb // block) * block + jb % block
+    ids = torch.where(in_blocks, ids, j - kk * block + nb * block)
+    return vals, ids
 
 
 SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {

@@ -76,3 +76,13 @@ def test_writer_mode_by_device():
     assert resolve_writer_mode("thread", "cuda") == "thread"
     with pytest.raises(ValueError, match="--writer"):
         resolve_writer_mode("fast", "cpu")
+
+
+def test_memory_budget_default_depends_on_the_device():
+    from cdm.precompute.run import default_memory_budget_mb
+
+    assert default_memory_budget_mb(None, "cpu") == 256
+    assert default_memory_budget_mb(None, "cuda:0") == 1024
+    assert default_memory_budget_mb(64, "cuda") == 64
+    with pytest.raises(ValueError, match="--memory-budget-mb"):
+        default_memory_budget_mb(0, "cpu")

@@ -37,8 +37,9 @@ def precompute_command(
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
-    memory_budget_mb: Annotated[int, typer.Option("--memory-budget-mb", help="Largest fp32 [tokens, vocab] "
-                                                  "temporary of the top-k step, MiB.")] = 256,
+    memory_budget_mb: Annotated[Optional[int], typer.Option("--memory-budget-mb", help="Rows of the top-k step "
+                                                            "are chunked so that an fp32 rows x vocab tensor fits "
+                                                            "this many MiB (default 1024 on GPU, 256 on CPU).")] = None,
     codec: Annotated[str, typer.Option("--codec", help="Top-k storage codec: lossless (fp16-exact), quant, qN "
                                         "(bounded log-prob error), plain. See benchmarks/RESULTS.md.")] = "lossless",
     id_table: Annotated[int, typer.Option("--id-table", help="Remap the N most frequent token ids (fitted on the "

@@ -14,13 +14,16 @@ MASS_KEYS = ("aligned_share", "cdm_mass_exact", "cdm_mass_dynamic", "cdm_mass_dr
 
 
 class MetricsLog:
-    """Append-only JSONL of training records (``{"kind": "train"|"eval"|..., "step": N, ...}``)."""
+    """Append-only JSONL of training records (``{"kind": "train"|"eval"|..., "step": N, ...}``).
+
+    The file is strict JSON (jq, pandas, browsers read it): a non-finite value (e.g. a loss part with no rows in a
+    step) is written as null, and `read()` gives it back as NaN."""
 
     def __init__(self, path: str):
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(_jsonable(record), allow_nan=True)
+        line = json.dumps(_jsonable(record), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
@@ -32,9 +35,10 @@ class MetricsLog:
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    out.append(json.loads(line))
+                    rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                out.append({k: (math.nan if v is None else v) for k, v in rec.items()})
         return out
 
     def truncate_after(self, step: int) -> None:
@@ -43,7 +47,7 @@ class MetricsLog:
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for r in keep:
-                f.write(json.dumps(r, allow_nan=True) + "\n")
+                f.write(json.dumps(_jsonable(r), allow_nan=False) + "\n")
         os.replace(tmp, self.path)
 
 
@@ -53,7 +57,9 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if hasattr(x, "item") and callable(x.item):
-        return x.item()
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     return x
 
 

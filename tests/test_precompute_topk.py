@@ -179,9 +179,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     ref = topk_stats(x, 5, impl="eager")
     assert torch.equal(r.ids, ref.ids) and torch.equal(r.entropy, ref.entropy)
     monkeypatch.setenv("CDM_TOPK_EAGER", "1")
-    assert topk_mod.resolve_stats_impl("auto", "cpu") == "eager"
+    assert topk_mod.resolve_stats_impl("auto") == "eager"
     with pytest.raises(ValueError, match="stats implementation"):
-        topk_mod.resolve_stats_impl("fast", "cpu")
+        topk_mod.resolve_stats_impl("fast")
 
 
 def test_async_tie_fixups_recompute_whole_chunks():

@@ -16,7 +16,6 @@ from cdm.precompute.topk import (
     DEFAULT_MEMORY_BUDGET,
     PendingTopK,
     TopK,
-    _no_fix,
     rows_per_chunk,
     topk_stats,
     topk_stats_async,
@@ -151,8 +150,7 @@ class HFBackend:
                 parts.append(topk_stats(logits[keep[a : a + rows]], self.k, memory_budget=self.memory_budget,
                                         impl=self.stats_impl))
             res = TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
-            pending = PendingTopK(res, torch.zeros(res.ids.shape[0], dtype=torch.bool, device=res.ids.device),
-                                  self.k, _no_fix)  # already resolved: nothing to fix
+            pending = PendingTopK.exact(res, self.k)
         return PendingBatch(pending.to_host(), lengths)
 
     def forward(self, seqs: Sequence[np.ndarray]) -> list[TopK]:

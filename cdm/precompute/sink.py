@@ -231,17 +231,15 @@ class ProcessSink:
             err.__notes__ = [f"in the store writer process:\n{msg[2]}"]
             raise err
         self._error: BaseException | None = None
-        self._lock = threading.Lock()
         self._q = ThreadQueue(self._send, depth=depth, name="cdm-store-sender")
 
     def _check(self) -> None:
-        """Pick up an error the child reported (without waiting)."""
-        with self._lock:
-            while self._error is None and self._conn.poll():
-                msg = self._conn.recv()
-                if msg[0] == "error":
-                    self._error = msg[1]
-                    self._error.__notes__ = [f"in the store writer process:\n{msg[2]}"]  # type: ignore[union-attr]
+        """Pick up an error the child reported (without waiting); only the sender thread reads the pipe here."""
+        while self._error is None and self._conn.poll():
+            msg = self._conn.recv()
+            if msg[0] == "error":
+                self._error = msg[1]
+                self._error.__notes__ = [f"in the store writer process:\n{msg[2]}"]  # type: ignore[union-attr]
         if self._error is not None:
             raise self._error
 

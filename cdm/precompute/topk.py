@@ -127,7 +127,7 @@ class _CompiledStats:
 compiled_stats = _CompiledStats()
 
 
-def resolve_stats_impl(impl: str, device: torch.device | str) -> str:
+def resolve_stats_impl(impl: str) -> str:
     """'auto' -> 'compiled' (one fused pass, see `row_stats_reference`) unless CDM_TOPK_EAGER=1 is set."""
     if impl not in STATS_IMPLS:
         raise ValueError(f"stats implementation must be one of {STATS_IMPLS}, got {impl!r}")
@@ -241,6 +241,14 @@ class PendingTopK:
         self._host: tuple[TopK, torch.Tensor] | None = None
         self._event: Any = None
 
+    @classmethod
+    def exact(cls, result: TopK, k: int) -> "PendingTopK":
+        """A result that is already final (no row needs a tie fix-up)."""
+        def no_fix(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            raise AssertionError("no row of an exact result needs a tie fix-up")
+
+        return cls(result, torch.zeros(result.ids.shape[0], dtype=torch.bool, device=result.ids.device), k, no_fix)
+
     def to_host(self) -> "PendingTopK":
         dev = self._dev.ids.device
         if dev.type == "cuda":
@@ -303,15 +311,16 @@ def topk_stats_async(
     if not 1 <= k <= vocab_size:
         raise ValueError(f"top-k must be in [1, vocab size {vocab_size}], got {k}")
     step = rows_per_chunk(vocab_size, memory_budget)
+    stats_impl = resolve_stats_impl(impl)
     parts = []
     for a in range(0, n_rows, step):
         chunk = produce(a, min(a + step, n_rows))
-        parts.append(_topk_chunk(chunk, k, resolve_stats_impl(impl, chunk.device)))
+        parts.append(_topk_chunk(chunk, k, stats_impl))
     if not parts:
         device = device or torch.device("cpu")
         empty = torch.empty(0, device=device)
         res = TopK(torch.empty(0, k, dtype=torch.int32, device=device), torch.empty(0, k, device=device), empty, empty)
-        return PendingTopK(res, torch.zeros(0, dtype=torch.bool, device=device), k, _no_fix)
+        return PendingTopK.exact(res, k)
     res = TopK(*(torch.cat([getattr(p, f) for p, _ in parts]) for f in ("ids", "logprobs", "logsumexp", "entropy")))
     lse = res.logsumexp
 
@@ -329,10 +338,6 @@ def topk_stats_async(
         return torch.cat(ids_out), torch.cat(lp_out)
 
     return PendingTopK(res, torch.cat([o for _, o in parts]), k, fix_rows)
-
-
-def _no_fix(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    raise AssertionError("no row of an empty or already exact result needs a tie fix-up")
 
 
 def topk_stats(

@@ -259,3 +259,49 @@ def test_memory_fsspec_store():
     for s in seqs:
         assert_sequences_equal(s, store[[x.source_index for x in store].index(s.source_index)])
     assert verify_store(url).ok
+
+
+def test_resume_keeps_the_compressors_the_store_was_started_with(tmp_path):
+    """A shard begun by an older cdm (other Blosc level) resumes after an upgrade: same array layout, so the
+    writer adopts the store's recorded compressors instead of refusing or mixing settings; a layout change is refused."""
+    import dataclasses
+
+    from cdm.storage import ragged
+    from cdm.storage.topk_codec import LosslessTopKCodec
+
+    class OldLevel(LosslessTopKCodec):
+        def fields(self, k):
+            return {n: dataclasses.replace(s, compressors=(zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),))
+                    for n, s in super().fields(k).items()}
+
+    rng = np.random.default_rng(3)
+    seqs = [random_sequence(rng, i) for i in range(12)]
+    url = str(tmp_path / "s")
+    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16)
+    w = TeacherStoreWriter(url, codec=OldLevel(), **kw)
+    for s in seqs[:7]:
+        w.add(s)
+    w.commit()
+    del w
+    old_fields = json.loads((tmp_path / "s" / "manifest.json").read_text())["fields"]
+    assert old_fields["topk_ids"]["compressors"][0]["configuration"]["clevel"] == 5
+
+    w = TeacherStoreWriter(url, **kw)  # today's defaults (level 1)
+    assert w.done_source_indices == set(range(7))
+    for s in seqs[7:]:
+        w.add(s)
+    w.close()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["fields"] == old_fields and manifest["complete"]
+    arr = zarr.open_array(str(tmp_path / "s" / "shard-00000" / "tokens" / "topk_ids"), mode="r")
+    assert arr.metadata.to_dict()["codecs"][-1]["configuration"]["clevel"] == 5
+    store = TeacherStore(url)
+    for a, b in zip(store, seqs):
+        assert_sequences_equal(a, b)
+
+    class OtherLayout(LosslessTopKCodec):
+        def fields(self, k):
+            return {**super().fields(k), "topk_values": ragged.FieldSpec("float16", (k,))}
+
+    with pytest.raises(StoreError, match="fields"):
+        TeacherStoreWriter(str(tmp_path / "s"), codec=OtherLayout(), **{**kw, "shard_index": 0})

@@ -240,6 +240,27 @@ def test_lossless_keys_match_slow_reference():
         assert enc[r].tolist() == expect
 
 
+def test_fast_float16_conversion_and_keys_are_bit_identical_to_numpy():
+    """The torch-backed float32 -> float16 path and the xor key trick equal numpy's conversion and the branchy
+    reference on every kind of float32: random bit patterns, the float16 subnormal/overflow/rounding edges, +-0, +-inf."""
+    from cdm.storage.topk_codec import _f16_keys, _to_f16
+
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, size=400_000, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, -65520, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+                      2.0**-14, 6.1e-5, -5.96e-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, -2049.0, -2051.0], np.float32)
+    x = np.concatenate([bits.view(np.float32), edges, rng.normal(0, 30, 100_000).astype(np.float32)])
+    x = x[~np.isnan(x)]
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    got = _to_f16(x)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got.view(np.uint16), ref.view(np.uint16))
+    b = ref.view(np.uint16).astype(np.int64)
+    slow = np.where(b & 0x8000, ~b & 0xFFFF, b | 0x8000)
+    np.testing.assert_array_equal(_f16_keys(x.reshape(-1, 1)).ravel().astype(np.int64), slow)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # refusals and descriptions
 

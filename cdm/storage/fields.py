@@ -41,3 +41,17 @@ class FieldSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "tail": list(self.tail), "compressors": [c.to_dict() for c in self.compressors]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FieldSpec":
+        """The spec recorded in a manifest (``to_json``), with its compressors rebuilt as zarr codecs."""
+        from zarr.registry import get_codec_class
+
+        comps = tuple(get_codec_class(c["name"]).from_dict(c) for c in d.get("compressors", []))
+        return cls(str(d["dtype"]), tuple(int(x) for x in d["tail"]), comps)
+
+
+def layout(fields: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, tail) of manifest field records: what readers depend on. Compressors are not part of it
+    (each Zarr array records its own codec pipeline, so stores written with other compressor settings read the same)."""
+    return {n: (str(f["dtype"]), tuple(int(x) for x in f["tail"])) for n, f in fields.items()}

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from cdm.storage.fields import FieldSpec
+from cdm.storage.fields import FieldSpec, layout
 from cdm.storage.fs import Location
 
 MANIFEST = "manifest.json"
@@ -238,6 +238,12 @@ class RaggedShardWriter:
                     f"{self.loc.url}: holds a store with key {existing.get('key')}, not {self.base['key']} "
                     "(another teacher, data or settings); choose another --out or delete it"
                 )
+            old_fields = existing.get("fields") or {}
+            if layout(old_fields) == layout(self.base["fields"]) and old_fields != self.base["fields"]:
+                # same arrays, other compressor settings (an older cdm's defaults): keep the store's own, so
+                # every shard of it is written alike and the manifest stays true
+                self.fields = {n: FieldSpec.from_json(f) for n, f in old_fields.items()}
+                self.base["fields"] = old_fields
             for name in ("num_shards", "fields", "chunk_rows", "codec", "k", "vocab_size"):
                 if name in self.base and existing.get(name) != self.base[name]:
                     raise StoreError(

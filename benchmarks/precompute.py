@@ -529,9 +529,86 @@ def writer_part(args) -> dict[str, Any]:
     return out
 
 
+class SimulatedDevice:
+    """A runner that takes `n_tokens / rate` seconds of "device time" per batch, queued like a GPU stream: submit()
+    returns at once, result() sleeps until the batch would be done. Isolates the host-side data preparation."""
+
+    def __init__(self, rate: float, batch_tokens: int = 16384):
+        self.rate, self.batch_tokens, self._free_at = rate, batch_tokens, 0.0
+
+    def batches(self, lengths):
+        from cdm.precompute.hf_backend import plan_batches  # the hf backend's planner
+
+        return plan_batches(lengths, self.batch_tokens)
+
+    def submit(self, seqs):
+        now = time.perf_counter()
+        self._free_at = max(now, self._free_at) + sum(len(s) for s in seqs) / self.rate
+        done_at, n = self._free_at, len(seqs)
+
+        class Pending:
+            def result(self_inner):
+                time.sleep(max(0.0, done_at - time.perf_counter()))
+                return [None] * n
+
+        return Pending()
+
+
+def prep_part(args) -> dict[str, Any]:
+    """Data preparation (read rows, canonical text, tokenise with offsets, length policy) against a simulated device
+    at the H200 pipeline rates: end-to-end tokens/s of `_process` with windows prepared in line (baseline) or one
+    window ahead on a thread, as overhead over the device time alone."""
+    import importlib
+
+    from transformers import AutoTokenizer
+
+    from cdm import assets
+    from cdm.precompute.data import RecordFormat, load_records
+
+    run_mod = importlib.import_module("cdm.precompute.run")
+    tok = AutoTokenizer.from_pretrained(str(assets.smollm2_teacher()))
+    corpus = assets.pydoc_corpus()
+    recs = [{"text": f"{i}: " + corpus[i % len(corpus)]["text"]} for i in range(args.prep_rows)]
+    null_sink = type("NullSink", (), {"put": lambda self, item: None})()
+    out: dict[str, Any] = {"rows": len(recs), "window_rows": 2048, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        ds = load_records([str(path)], cache_dir=str(Path(d) / "cache"))
+        fmt = RecordFormat(text_field="text")
+        todo = list(range(len(ds)))
+
+        def once(rate: float | None, ahead: int) -> tuple[float, int]:
+            run_mod.PREFETCH_WINDOWS = ahead
+            t = time.perf_counter()
+            if rate is None:  # preparation alone
+                n = sum(len(e.token_ids) for w in range(0, len(todo), 2048)
+                        for _, e in run_mod._prepare(ds, todo[w : w + 2048], fmt, None, tok, True, 4096, "truncate")[0])
+            else:
+                n = run_mod._process(ds, todo, null_sink, SimulatedDevice(rate), fmt, None, tok, True, 4096, "truncate",
+                                     2048, False)
+            run_mod.PREFETCH_WINDOWS = 1
+            return time.perf_counter() - t, n
+
+        once(None, 0)  # warm caches
+        wall, tokens = min(once(None, 0) for _ in range(args.repeats))
+        out["tokens"] = tokens
+        out["prep_alone_tok_s"] = tokens / wall
+        for rate in args.prep_rates:
+            device_s = tokens / rate
+            for ahead in (0, 1):
+                w = min(once(rate, ahead)[0] for _ in range(args.repeats))
+                out[f"rate{int(rate)}_ahead{ahead}_overhead"] = w / device_s - 1
+    print(f"[prep] {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["cpu", "cuda", "writer", "all"], default="all")
+    ap.add_argument("--part", choices=["cpu", "cuda", "writer", "prep", "all"], default="all")
+    ap.add_argument("--prep-rows", type=int, default=12000)
+    ap.add_argument("--prep-rates", type=float, nargs="+", default=[300_000.0, 120_000.0],
+                    help="simulated device tokens/s (the H200 compiled pipeline rates of the 135M / 1.2B shapes)")
     ap.add_argument("--writer-tokens", type=int, default=200_000)
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
@@ -556,6 +633,8 @@ def main() -> None:
         results["cuda"] = cuda_part(args)
     if args.part in ("writer", "all"):
         results["writer"] = writer_part(args)
+    if args.part in ("prep", "all"):
+        results["prep"] = prep_part(args)
     md = markdown(results)
     print(md)
     if args.json:

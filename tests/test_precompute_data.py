@@ -181,6 +181,18 @@ def test_normalise_spans_moves_added_specials():
     assert s.tolist() == [[0, 0], [0, 3], [3, 5], [5, 5]]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.booleans()), max_size=40))
+def test_normalise_spans_vectorised_equals_loop(parts):
+    """Random span lists with empty tokens anywhere (first, runs, last), non-monotone ends included."""
+    from cdm.precompute.encode import normalise_spans_reference
+
+    spans = np.array([[a, a] if empty else [a, a + w + 1] for a, w, empty in parts], dtype=np.int32).reshape(-1, 2)
+    got = normalise_spans(spans)
+    np.testing.assert_array_equal(got, normalise_spans_reference(spans))
+    assert got.dtype == np.int32 and got.shape == spans.shape
+
+
 def test_tokenizer_without_offsets_is_refused():
     from transformers import CanineTokenizer
 

@@ -248,3 +248,65 @@ def test_id_table_codec_round_trips_and_is_shared_by_shards(tmp_path, tiny_teach
     for i in sa:
         np.testing.assert_array_equal(sa[i].topk_ids, sb[i].topk_ids)
         np.testing.assert_array_equal(sa[i].topk_logprobs, sb[i].topk_logprobs)
+
+
+def test_windows_cover_every_row_once_with_a_short_first_window():
+    from cdm.precompute.run import windows
+
+    assert windows(0, 2048) == []
+    assert windows(100, 2048) == [(0, 100)]
+    assert windows(5000, 2048) == [(0, 256), (256, 768), (768, 1792), (1792, 3840), (3840, 5000)]
+    assert windows(7, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert windows(7, 4, first=1) == [(0, 1), (1, 3), (3, 7)]
+    for n in range(0, 40):
+        for size in (1, 3, 5, 300):
+            w = windows(n, size, first=4)
+            assert [i for a, b in w for i in range(a, b)] == list(range(n)) and all(b - a <= size for a, b in w)
+
+
+def test_prefetched_keeps_order_raises_at_the_failing_item_and_stops_early():
+    import threading
+
+    from cdm.precompute.run import prefetched
+
+    seen_threads = set()
+
+    def fn(x):
+        seen_threads.add(threading.current_thread().name)
+        if x == 5:
+            raise ValueError("bad window 5")
+        return x * x
+
+    for ahead in (0, 1, 3):
+        got = []
+        with pytest.raises(ValueError, match="bad window 5"):
+            for y in prefetched(fn, range(10), ahead):
+                got.append(y)
+        assert got == [0, 1, 4, 9, 16]  # everything before the failing item, in order
+    assert any(n.startswith("cdm-prepare") for n in seen_threads) and threading.main_thread().name in seen_threads
+    assert list(prefetched(fn, range(5), 2)) == [0, 1, 4, 9, 16]
+    gen = prefetched(fn, range(100), 2)
+    assert next(gen) == 0
+    gen.close()  # the consumer stops early: nothing hangs, queued work is cancelled
+
+
+def test_store_is_the_same_with_and_without_prefetched_windows(tmp_path, tiny_teacher, monkeypatch):
+    import importlib
+
+    run_mod = importlib.import_module("cdm.precompute.run")  # the module (the package exports the function `run`)
+    recs = text_records(11, seed=4, max_chars=120)
+    recs[3] = {"text": ""}
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    stores = {}
+    for ahead in (0, 1):
+        monkeypatch.setattr(run_mod, "PREFETCH_WINDOWS", ahead)
+        out = str(tmp_path / f"store{ahead}")
+        res = run(str(tiny_teacher), str(data), out, top_k=6, text_field="text", batch_tokens=128, window_rows=2, **QUIET)
+        assert res.stats["skipped"] == {"empty text": 1}
+        stores[ahead] = by_source(out)
+    assert sorted(stores[0]) == sorted(stores[1]) == [i for i in range(11) if i != 3]
+    for i, a in stores[0].items():
+        b = stores[1][i]
+        assert a.text == b.text
+        for f in ("token_ids", "char_spans", "topk_ids", "topk_logprobs", "logsumexp", "entropy"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))

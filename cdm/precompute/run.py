@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -399,6 +399,46 @@ def _prepare(ds: Any, indices: Sequence[int], fmt: RecordFormat, render: Any, to
     return encs, skips
 
 
+PREFETCH_WINDOWS = 1  # windows prepared ahead on a thread; 0: in line (the baseline of benchmarks/precompute.py --part prep)
+
+
+def windows(n: int, size: int, first: int = 256) -> list[tuple[int, int]]:
+    """[start, stop) row windows of up to `size` rows, ramping up from `first` rows by doubling: the device starts
+    after a short preparation, and each window is prepared (on a thread) while the device runs the previous one,
+    which must take longer than that preparation (tokenising is >3x faster than even a 135M teacher on a GPU)."""
+    size, step = max(1, int(size)), max(1, min(int(first), int(size)))
+    out, a = [], 0
+    while a < n:
+        out.append((a, min(a + step, n)))
+        a, step = a + step, min(2 * step, size)
+    return out
+
+
+def prefetched(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int = 1) -> Iterator[Any]:
+    """fn(a) for each a, in order, computing up to `ahead` results on a background thread while the caller uses the
+    current one (for data preparation: the tokenizer releases the GIL, and the device would otherwise idle while a
+    window is tokenised). Errors re-raise in the caller at the item that failed; ahead=0 runs in line."""
+    if ahead <= 0:
+        yield from map(fn, args)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdm-prepare")
+    queued: deque = deque()
+    try:
+        for a in args:
+            queued.append(pool.submit(fn, a))
+            if len(queued) > ahead:
+                yield queued.popleft().result()
+        while queued:
+            yield queued.popleft().result()
+    finally:
+        for f in queued:
+            f.cancel()
+        pool.shutdown(wait=False)
+
+
 def _process(ds: Any, todo: list[int], sink: Any, runner: Any, fmt: RecordFormat, render: Any, tok: Any,
              add_special: bool, max_length: int, truncation: str, window_rows: int, progress: bool) -> int:
     """Prepare rows window by window, run the teacher batch by batch (one queued ahead) and hand each finished
@@ -411,9 +451,11 @@ def _process(ds: Any, todo: list[int], sink: Any, runner: Any, fmt: RecordFormat
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
 
+    def prepare(bounds: tuple[int, int]) -> tuple[list[tuple[int, Encoded]], list[tuple[int, str]]]:
+        return _prepare(ds, todo[bounds[0] : bounds[1]], fmt, render, tok, add_special, max_length, truncation)
+
     def planned() -> Iterator[tuple[list[tuple[int, Encoded]], list[np.ndarray]]]:
-        for w in range(0, len(todo), window_rows):
-            encs, skips = _prepare(ds, todo[w : w + window_rows], fmt, render, tok, add_special, max_length, truncation)
+        for encs, skips in prefetched(prepare, windows(len(todo), window_rows), PREFETCH_WINDOWS):
             for i, reason in skips:
                 sink.put(("skip", i, reason))
             bar.update(len(skips))

@@ -179,6 +179,12 @@ def with_compressors(specs: dict[str, FieldSpec], make: Callable[[FieldSpec], tu
     return {n: dataclasses.replace(s, compressors=make(s)) for n, s in specs.items()}
 
 
+def level3(c: Any) -> Any:
+    """The same Blosc codec at clevel 3 (the top-k default before session 3), typesize still taken from the dtype."""
+    d = c.to_dict()["configuration"]
+    return zarr.codecs.BloscCodec(cname=d["cname"], clevel=3, shuffle=d["shuffle"], blocksize=d["blocksize"])
+
+
 def variants(table: list[int]) -> list[tuple[str, TopKCodec, Callable[[dict[str, FieldSpec]], dict[str, FieldSpec]]]]:
     """(label, codec, spec override) rows of the table; the overrides show what the chosen compressors buy."""
     same = lambda s: s  # noqa: E731
@@ -186,6 +192,8 @@ def variants(table: list[int]) -> list[tuple[str, TopKCodec, Callable[[dict[str,
         ("plain (int32 ids + fp16)", get_codec("plain"), same),
         ("plain, Zstd(3)", get_codec("plain"), lambda s: with_compressors(s, lambda f: (zstd(3),))),
         ("lossless", get_codec("lossless"), same),
+        ("lossless, Blosc level 3 (before session 3)", get_codec("lossless"),
+         lambda s: with_compressors(s, lambda f: tuple(level3(c) for c in f.compressors))),
         ("lossless, fields.blosc_zstd(3)", get_codec("lossless"), lambda s: with_compressors(s, lambda f: (blosc_zstd(3),))),
         ("lossless, Zstd(3)", get_codec("lossless"), lambda s: with_compressors(s, lambda f: (zstd(3),))),
         ("lossless +table", get_codec("lossless", id_table=table), same),

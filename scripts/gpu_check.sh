@@ -3,7 +3,7 @@
 # benchmarks/RESULTS.md): wheels for zarr, numcodecs, rapidfuzz, typer, tqdm travel in ./.whl (ignored; fetch them
 # with `pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl zarr numcodecs donfig
 # google-crc32c rapidfuzz typer tqdm`), installed into a side folder; then the CUDA tests and the CUDA part of the
-# precompute benchmark run; logs and results go to $OUT (or ./gpu-out).
+# precompute benchmark run, then its store-writer part on the host CPUs; logs and results go to $OUT (or ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -13,3 +13,6 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 timeout "${CDM_GPU_TEST_TIMEOUT:-200}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py -k "${CDM_GPU_TEST_K:-}" 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
 timeout "${CDM_GPU_BENCH_TIMEOUT:-330}" python benchmarks/precompute.py --part cuda --json "$OUT/precompute_cuda.json" \
     --md "$OUT/precompute_cuda.md" 2>&1 | tee "$OUT/precompute_cuda.log" | grep -v "^DEBUG"
+# the store writer alone on this host's CPUs (thread vs process writer, main-loop slowdown beside each)
+timeout "${CDM_GPU_WRITER_TIMEOUT:-90}" python benchmarks/precompute.py --part writer --repeats 2 \
+    --json "$OUT/precompute_writer.json" 2>&1 | tee "$OUT/precompute_writer.log" | grep -v "^DEBUG"

@@ -408,6 +408,15 @@ def markdown(results: dict[str, Any]) -> str:
                   f"| {w['thread_sequential_fields_tok_s']:,.0f} tok/s | {w['thread_tok_s']:,.0f} tok/s | "
                   f"{w['process_tok_s']:,.0f} tok/s | {w['concurrent_fields_speedup']:.2f} | "
                   f"{w['main_loop_beside_thread_ratio']:.2f} | {w['main_loop_beside_process_ratio']:.2f} |", ""]
+    p = results.get("prep")
+    if p:
+        lines += [f"Data preparation ({p['cpus']} CPUs, {p['rows']:,} rows, {p['tokens']:,} tokens, SmolLM2 tokenizer): "
+                  f"{p['prep_alone_tok_s']:,.0f} tok/s alone; end-to-end overhead over a simulated device:", "",
+                  "| device tok/s | windows prepared in line (baseline) | one window ahead on a thread |", "|---|---|---|"]
+        for key in sorted(k for k in p if k.endswith("_ahead0_overhead")):
+            rate = key[len("rate"):-len("_ahead0_overhead")]
+            lines.append(f"| {int(rate):,} | {p[key]:+.1%} | {p[key.replace('ahead0', 'ahead1')]:+.1%} |")
+        lines.append("")
     cuda = results.get("cuda")
     if cuda and "skipped" not in cuda:
         lines += [f"CUDA: {cuda['gpu']}, torch {cuda['torch']}, transformers {cuda['transformers']}, bf16, random "

@@ -277,31 +277,37 @@ def test_resume_keeps_the_compressors_the_store_was_started_with(tmp_path):
     rng = np.random.default_rng(3)
     seqs = [random_sequence(rng, i) for i in range(12)]
     url = str(tmp_path / "s")
-    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16)
-    w = TeacherStoreWriter(url, codec=OldLevel(), **kw)
+    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, num_shards=2)
+    w = TeacherStoreWriter(url, codec=OldLevel(), **kw)  # shard 0, begun before the upgrade
     for s in seqs[:7]:
-        w.add(s)
+        if s.source_index % 2 == 0:
+            w.add(s)
     w.commit()
     del w
     old_fields = json.loads((tmp_path / "s" / "manifest.json").read_text())["fields"]
     assert old_fields["topk_ids"]["compressors"][0]["configuration"]["clevel"] == 5
 
-    w = TeacherStoreWriter(url, **kw)  # today's defaults (level 1)
-    assert w.done_source_indices == set(range(7))
-    for s in seqs[7:]:
-        w.add(s)
-    w.close()
+    for shard in (0, 1):  # today's defaults (level 1): shard 0 resumes, shard 1 starts after the upgrade
+        w = TeacherStoreWriter(url, shard_index=shard, **kw)
+        assert w.done_source_indices == ({0, 2, 4, 6} if shard == 0 else set())
+        for s in seqs:
+            if s.source_index % 2 == shard and s.source_index not in w.done_source_indices:
+                w.add(s)
+        w.close()
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["fields"] == old_fields and manifest["complete"]
-    arr = zarr.open_array(str(tmp_path / "s" / "shard-00000" / "tokens" / "topk_ids"), mode="r")
-    assert arr.metadata.to_dict()["codecs"][-1]["configuration"]["clevel"] == 5
+    for shard in (0, 1):
+        arr = zarr.open_array(str(tmp_path / "s" / f"shard-0000{shard}" / "tokens" / "topk_ids"), mode="r")
+        blosc = arr.metadata.to_dict()["codecs"][-1]["configuration"]
+        assert blosc["clevel"] == 5 and blosc["typesize"] == 4  # the store's level; shuffle bound to int32
     store = TeacherStore(url)
-    for a, b in zip(store, seqs):
-        assert_sequences_equal(a, b)
+    assert sorted(s.source_index for s in store) == list(range(12))
+    for a in store:
+        assert_sequences_equal(a, seqs[a.source_index])
 
     class OtherLayout(LosslessTopKCodec):
         def fields(self, k):
             return {**super().fields(k), "topk_values": ragged.FieldSpec("float16", (k,))}
 
     with pytest.raises(StoreError, match="fields"):
-        TeacherStoreWriter(str(tmp_path / "s"), codec=OtherLayout(), **{**kw, "shard_index": 0})
+        TeacherStoreWriter(str(tmp_path / "s"), codec=OtherLayout(), shard_index=0, **kw)

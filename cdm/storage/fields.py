@@ -44,10 +44,18 @@ class FieldSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "FieldSpec":
-        """The spec recorded in a manifest (``to_json``), with its compressors rebuilt as zarr codecs."""
+        """The spec recorded in a manifest (``to_json``), with its compressors rebuilt as zarr codecs.
+
+        A Blosc ``typesize`` of 1 is the placeholder of a codec not yet bound to an array (zarr fills it from the
+        dtype when the array is created); it is dropped so that it is filled again, else byte shuffle would be void."""
         from zarr.registry import get_codec_class
 
-        comps = tuple(get_codec_class(c["name"]).from_dict(c) for c in d.get("compressors", []))
+        def rebuild(c: dict[str, Any]) -> Any:
+            if c.get("name") == "blosc" and c.get("configuration", {}).get("typesize") == 1:
+                c = {**c, "configuration": {k: v for k, v in c["configuration"].items() if k != "typesize"}}
+            return get_codec_class(c["name"]).from_dict(c)
+
+        comps = tuple(rebuild(c) for c in d.get("compressors", []))
         return cls(str(d["dtype"]), tuple(int(x) for x in d["tail"]), comps)
 
 

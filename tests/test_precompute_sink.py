@@ -102,3 +102,39 @@ def test_a_killed_writer_process_is_reported_with_what_to_do(tmp_path):
         for i in range(3, 200):  # the pipe breaks on one of these puts, or at close at the latest
             sink.put(("add", *map(list, zip(*[_item(5, 4, 50, i, rng)]))))
         sink.close()
+
+
+def test_an_unguarded_script_gets_told_about_the_main_guard(tmp_path):
+    """The writer process is spawned, which re-imports the caller's main script: a script without the
+    `if __name__ == '__main__':` guard must get an error that says so, not a bare exit code."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from cdm.precompute.sink import ProcessSink\n"
+        f"sink = ProcessSink(dict(url={str(tmp_path / 's')!r}, key='k', manifest={{}}, k=4, vocab_size=50), 'fp')\n"
+        "sink.close()\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": repo})
+    assert r.returncode != 0
+    assert "if __name__ == '__main__':" in r.stderr and "--writer thread" in r.stderr
+
+
+def test_thread_sink_lowers_the_gil_switch_interval_only_while_open(tmp_path):
+    import sys
+
+    before = sys.getswitchinterval()
+    kwargs = dict(url=str(tmp_path / "s"), key="k", manifest={}, k=4, vocab_size=50)
+    sink = ThreadSink(TeacherStoreWriter(**kwargs), "fp")
+    assert sys.getswitchinterval() <= 0.001 + 1e-9
+    sink.close()
+    assert sys.getswitchinterval() == before
+    sink = ThreadSink(TeacherStoreWriter(**{**kwargs, "url": str(tmp_path / "t")}), "fp")
+    sink.put(("add", [(0, None)], [None]))  # a malformed item: the writer thread fails
+    with pytest.raises(Exception):
+        sink.close()
+    assert sys.getswitchinterval() == before  # restored on the error path too

@@ -23,8 +23,9 @@ WRITER_MODES = ("auto", "thread", "process")
 
 def resolve_writer_mode(mode: str, device: str) -> str:
     """'auto' -> 'thread' on every device for now: in benchmarks/RESULTS.md the thread writer had the higher
-    throughput (H200 host and 2-core CPU); the process writer keeps a Python-heavy device loop faster beside it
-    (0.73 vs 0.59 of its solo speed on 2 cores) but pays a pipe transfer, so it is opt-in (`--writer process`)."""
+    throughput (H200 host, session 2; 2-core CPU, session 3: ~1.6x). The process writer keeps a loop beside it
+    faster (device-bound loop 0.89 vs 0.81 of its solo speed on 2 cores) but pays a pipe transfer; it is opt-in
+    (`--writer process`) until it is measured on a many-core GPU host."""
     if mode not in WRITER_MODES:
         raise ValueError(f"--writer must be one of {WRITER_MODES}, got {mode!r}")
     return "thread" if mode == "auto" else mode
@@ -84,23 +85,39 @@ class ThreadQueue:
             raise self._err
 
 
+SWITCH_INTERVAL_S = 0.001  # the GIL hand-over interval while a ThreadSink is open (CPython's default is 5 ms)
+
+
 class ThreadSink:
-    """The writer in this process, fed by a background thread."""
+    """The writer in this process, fed by a background thread.
+
+    While it is open the interpreter's GIL switch interval is lowered to `switch_interval` (restored on close):
+    the device loop gets the GIL back after each device wait within ~1 ms instead of up to 5 ms while the writer
+    thread runs Python code (in benchmarks/precompute.py --part writer this keeps a GPU-like loop faster)."""
 
     mode = "thread"
 
-    def __init__(self, writer: Any, data_fp: str):
+    def __init__(self, writer: Any, data_fp: str, switch_interval: float | None = SWITCH_INTERVAL_S):
         self._writer = writer
+        self._old_switch = sys.getswitchinterval()
+        if switch_interval is not None:
+            sys.setswitchinterval(min(self._old_switch, switch_interval))
         self._q = ThreadQueue(lambda item: write_item(writer, data_fp, item))
 
     def put(self, item: tuple[Any, ...]) -> None:
         self._q.put(item)
 
+    def _drain(self) -> None:
+        try:
+            self._q.close()
+        finally:
+            sys.setswitchinterval(self._old_switch)
+
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Drain, finish the shard; (manifest, writer stats). On a writer error, commit what was added before it
         (the shard stays resumable) and re-raise."""
         try:
-            self._q.close()
+            self._drain()
         except BaseException:
             self._writer.commit()
             raise
@@ -109,7 +126,7 @@ class ThreadSink:
     def abort(self) -> None:
         """Drain what was handed over and commit it (the shard stays resumable); errors here are secondary."""
         try:
-            self._q.close()
+            self._drain()
         except BaseException:
             pass
         self._writer.commit()
@@ -224,7 +241,10 @@ class ProcessSink:
             msg = self._conn.recv()
         except EOFError:
             self._proc.join(5)
-            raise RuntimeError(f"the store writer process died on start (exit code {self._proc.exitcode})") from None
+            raise RuntimeError(
+                f"the store writer process died on start (exit code {self._proc.exitcode}); it is spawned, so a script "
+                "that calls cdm.precompute.run must do so under `if __name__ == '__main__':` (or use --writer thread)"
+            ) from None
         if msg[0] == "error":
             self._proc.join(60)
             err = msg[1]

@@ -138,3 +138,10 @@ def test_thread_sink_lowers_the_gil_switch_interval_only_while_open(tmp_path):
     with pytest.raises(Exception):
         sink.close()
     assert sys.getswitchinterval() == before  # restored on the error path too
+    a = ThreadSink(TeacherStoreWriter(**{**kwargs, "url": str(tmp_path / "a")}), "fp")
+    b = ThreadSink(TeacherStoreWriter(**{**kwargs, "url": str(tmp_path / "b")}), "fp")
+    a.close()
+    assert sys.getswitchinterval() <= 0.001 + 1e-9  # b is still open
+    b.abort()
+    b.abort()  # a second drain does not release twice
+    assert sys.getswitchinterval() == before

@@ -88,6 +88,30 @@ class ThreadQueue:
 SWITCH_INTERVAL_S = 0.001  # the GIL hand-over interval while a ThreadSink is open (CPython's default is 5 ms)
 
 
+class _SwitchInterval:
+    """Lower sys.setswitchinterval while at least one holder needs it; the interval from before the first holder
+    comes back when the last one releases (sinks may overlap, e.g. several shards written from threads)."""
+
+    _lock = threading.Lock()
+    _holders = 0
+    _saved = 0.0
+
+    @classmethod
+    def acquire(cls, interval: float) -> None:
+        with cls._lock:
+            if cls._holders == 0:
+                cls._saved = sys.getswitchinterval()
+            cls._holders += 1
+            sys.setswitchinterval(min(sys.getswitchinterval(), interval))
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0:
+                sys.setswitchinterval(cls._saved)
+
+
 class ThreadSink:
     """The writer in this process, fed by a background thread.
 
@@ -99,9 +123,9 @@ class ThreadSink:
 
     def __init__(self, writer: Any, data_fp: str, switch_interval: float | None = SWITCH_INTERVAL_S):
         self._writer = writer
-        self._old_switch = sys.getswitchinterval()
-        if switch_interval is not None:
-            sys.setswitchinterval(min(self._old_switch, switch_interval))
+        self._switch = switch_interval is not None
+        if self._switch:
+            _SwitchInterval.acquire(switch_interval)  # type: ignore[arg-type]
         self._q = ThreadQueue(lambda item: write_item(writer, data_fp, item))
 
     def put(self, item: tuple[Any, ...]) -> None:
@@ -111,7 +135,9 @@ class ThreadSink:
         try:
             self._q.close()
         finally:
-            sys.setswitchinterval(self._old_switch)
+            if self._switch:
+                self._switch = False
+                _SwitchInterval.release()
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Drain, finish the shard; (manifest, writer stats). On a writer error, commit what was added before it

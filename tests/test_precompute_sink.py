@@ -145,3 +145,7 @@ def test_thread_sink_lowers_the_gil_switch_interval_only_while_open(tmp_path):
     b.abort()
     b.abort()  # a second drain does not release twice
     assert sys.getswitchinterval() == before
+    with pytest.raises(ValueError, match="positive"):
+        ThreadSink(TeacherStoreWriter(**{**kwargs, "url": str(tmp_path / "c")}), "fp", switch_interval=0.0)
+    ThreadSink(TeacherStoreWriter(**{**kwargs, "url": str(tmp_path / "d")}), "fp").close()
+    assert sys.getswitchinterval() == before  # the refused sink left no holder behind

@@ -311,3 +311,11 @@ def test_resume_keeps_the_compressors_the_store_was_started_with(tmp_path):
 
     with pytest.raises(StoreError, match="fields"):
         TeacherStoreWriter(str(tmp_path / "s"), codec=OtherLayout(), shard_index=0, **kw)
+
+    # a manifest naming a compressor this zarr does not know: a StoreError naming the manifest, not a KeyError
+    mpath = tmp_path / "s" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["fields"]["topk_ids"]["compressors"] = [{"name": "nope", "configuration": {}}]
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json: field compressors: .*nope"):
+        TeacherStoreWriter(url, shard_index=0, **kw)

@@ -261,6 +261,20 @@ def test_fast_float16_conversion_and_keys_are_bit_identical_to_numpy():
     np.testing.assert_array_equal(_f16_keys(x.reshape(-1, 1)).ravel().astype(np.int64), slow)
 
 
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_read_only_inputs_encode_without_warnings(name):
+    """Arrow zero-copy views and np.frombuffer arrays are read-only; encoding must not warn (tests run -W error)."""
+    rng = np.random.default_rng(5)
+    lp = np.sort(-rng.exponential(2, (6, 5)), axis=1)[:, ::-1].astype(np.float32)
+    ids = rng.integers(0, 100, (6, 5)).astype(np.int32)
+    ro_lp, ro_ids = lp.copy(), ids.copy()
+    ro_lp.flags.writeable = ro_ids.flags.writeable = False
+    codec = get_codec(name)
+    got, want = codec.encode(ro_ids, ro_lp), codec.encode(ids, lp)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # refusals and descriptions
 

@@ -98,11 +98,13 @@ class _SwitchInterval:
 
     @classmethod
     def acquire(cls, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError(f"switch interval must be positive, got {interval}")
         with cls._lock:
             if cls._holders == 0:
                 cls._saved = sys.getswitchinterval()
-            cls._holders += 1
             sys.setswitchinterval(min(sys.getswitchinterval(), interval))
+            cls._holders += 1
 
     @classmethod
     def release(cls) -> None:
@@ -123,10 +125,20 @@ class ThreadSink:
 
     def __init__(self, writer: Any, data_fp: str, switch_interval: float | None = SWITCH_INTERVAL_S):
         self._writer = writer
-        self._switch = switch_interval is not None
+        self._switch = False
+        if switch_interval is not None:
+            _SwitchInterval.acquire(switch_interval)
+            self._switch = True
+        try:
+            self._q = ThreadQueue(lambda item: write_item(writer, data_fp, item))
+        except BaseException:
+            self._release_switch()
+            raise
+
+    def _release_switch(self) -> None:
         if self._switch:
-            _SwitchInterval.acquire(switch_interval)  # type: ignore[arg-type]
-        self._q = ThreadQueue(lambda item: write_item(writer, data_fp, item))
+            self._switch = False
+            _SwitchInterval.release()
 
     def put(self, item: tuple[Any, ...]) -> None:
         self._q.put(item)
@@ -135,9 +147,7 @@ class ThreadSink:
         try:
             self._q.close()
         finally:
-            if self._switch:
-                self._switch = False
-                _SwitchInterval.release()
+            self._release_switch()
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Drain, finish the shard; (manifest, writer stats). On a writer error, commit what was added before it
@@ -267,10 +277,10 @@ class ProcessSink:
             msg = self._conn.recv()
         except EOFError:
             self._proc.join(5)
-            raise RuntimeError(
-                f"the store writer process died on start (exit code {self._proc.exitcode}); it is spawned, so a script "
-                "that calls cdm.precompute.run must do so under `if __name__ == '__main__':` (or use --writer thread)"
-            ) from None
+            code = self._proc.exitcode
+            hint = ("; it is spawned, so a script that calls cdm.precompute.run must do so under "
+                    "`if __name__ == '__main__':` (or use --writer thread)") if code == 1 else ""
+            raise RuntimeError(f"the store writer process died on start (exit code {code}){hint}") from None
         if msg[0] == "error":
             self._proc.join(60)
             err = msg[1]

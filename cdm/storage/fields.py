@@ -53,7 +53,10 @@ class FieldSpec:
         def rebuild(c: dict[str, Any]) -> Any:
             if c.get("name") == "blosc" and c.get("configuration", {}).get("typesize") == 1:
                 c = {**c, "configuration": {k: v for k, v in c["configuration"].items() if k != "typesize"}}
-            return get_codec_class(c["name"]).from_dict(c)
+            try:
+                return get_codec_class(c["name"]).from_dict(c)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"compressor {c!r} is not a codec this zarr knows ({e!r})") from None
 
         comps = tuple(rebuild(c) for c in d.get("compressors", []))
         return cls(str(d["dtype"]), tuple(int(x) for x in d["tail"]), comps)

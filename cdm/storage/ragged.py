@@ -242,7 +242,10 @@ class RaggedShardWriter:
             if layout(old_fields) == layout(self.base["fields"]) and old_fields != self.base["fields"]:
                 # same arrays, other compressor settings (an older cdm's defaults): keep the store's own, so
                 # every shard of it is written alike and the manifest stays true
-                self.fields = {n: FieldSpec.from_json(f) for n, f in old_fields.items()}
+                try:
+                    self.fields = {n: FieldSpec.from_json(f) for n, f in old_fields.items()}
+                except ValueError as e:
+                    raise StoreError(f"{self.loc.path(MANIFEST)}: field compressors: {e}") from None
                 self.base["fields"] = old_fields
             for name in ("num_shards", "fields", "chunk_rows", "codec", "k", "vocab_size"):
                 if name in self.base and existing.get(name) != self.base[name]:

@@ -192,7 +192,10 @@ def _to_f16(lp: np.ndarray) -> np.ndarray:
     when torch is importable (~10x numpy's on x86; bit-identical, tested), else numpy's."""
     torch = _torch()
     if torch is not None and lp.dtype == np.float32:
-        return torch.from_numpy(np.ascontiguousarray(lp)).to(torch.float16).numpy()
+        lp = np.ascontiguousarray(lp)
+        if not lp.flags.writeable:  # e.g. Arrow zero-copy views; torch.from_numpy warns on those (never writes)
+            lp = lp.copy()
+        return torch.from_numpy(lp).to(torch.float16).numpy()
     with np.errstate(over="ignore"):  # values below -65504 become -inf, exactly as a float16 store would
         return lp.astype(np.float16)
 

@@ -319,3 +319,37 @@ def test_resume_keeps_the_compressors_the_store_was_started_with(tmp_path):
     mpath.write_text(json.dumps(m))
     with pytest.raises(StoreError, match="manifest.json: field compressors: .*nope"):
         TeacherStoreWriter(url, shard_index=0, **kw)
+
+
+def test_close_hashes_what_it_wrote_instead_of_reading_the_shard_back(tmp_path, monkeypatch):
+    """The shard digest at close uses the sha256 of each chunk taken as it was written (persisted per commit, so a
+    resumed writer also knows the chunks of earlier processes): no chunk file is read back, and the digest equals a
+    full read-back's."""
+    from cdm.storage import ragged
+    from cdm.storage.fs import Location
+
+    reads: list[str] = []
+    real_sha = Location.sha256
+    monkeypatch.setattr(Location, "sha256", lambda self, *parts: reads.append("/".join(parts)) or real_sha(self, *parts))
+    rng = np.random.default_rng(8)
+    seqs = [random_sequence(rng, i, n=int(rng.integers(5, 30))) for i in range(40)]
+    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, commit_tokens=40)
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, **kw)
+    for s in seqs[:25]:
+        w.add(s)
+    w.commit()
+    del w  # "crash": the next writer resumes after the last commit
+    w = TeacherStoreWriter(url, **kw)
+    for s in seqs:
+        if s.source_index not in w.done_source_indices:
+            w.add(s)
+    w.close()
+    chunk_reads = [r for r in reads if "/c/" in r]
+    assert chunk_reads == [], chunk_reads[:5]
+    entry = json.loads((tmp_path / "s" / "shards" / "shard-00000.json").read_text())
+    reads.clear()
+    assert ragged.shard_digest(Location(url), "shard-00000")[0] == entry["digest"]  # readers hash what is on disk
+    assert any("/c/" in r for r in reads)
+    assert verify_store(url).ok
+    assert sorted(s.source_index for s in TeacherStore(url, check="digest")) == list(range(40))

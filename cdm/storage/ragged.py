@@ -177,9 +177,21 @@ class _HashingStore(zarr.storage.WrapperStore):  # type: ignore[type-arg]
 
     async def delete_dir(self, prefix: str) -> None:
         await self._store.delete_dir(prefix)
-        full = self._prefix + prefix.rstrip("/") + "/"
-        for k in [k for k in self._record if k.startswith(full)]:
+        self._forget(self._prefix + (prefix.strip("/") + "/" if prefix.strip("/") else ""))
+
+    async def clear(self) -> None:
+        await self._store.clear()
+        self._forget(self._prefix)
+
+    def _forget(self, full_prefix: str) -> None:
+        for k in [k for k in self._record if k.startswith(full_prefix)]:
             del self._record[k]
+
+
+def _is_chunk(rel: str) -> bool:
+    """'tokens/<field>/c/...': a chunk file of a field array (written once, at a fixed size per content)."""
+    parts = rel.split("/")
+    return len(parts) > 3 and parts[0] == ZARR_GROUP and parts[2] == "c"
 
 
 # ----------------------------------------------------------------------------------------------- writer
@@ -321,7 +333,8 @@ class RaggedShardWriter:
             return
         if self.loc.exists(self.shard, WRITING, "state.json"):
             st = self.loc.read_json(self.shard, WRITING, "state.json")
-            self.state = _State(**st)
+            known = set(_State.__dataclass_fields__)
+            self.state = _State(**{k: v for k, v in st.items() if k in known})  # newer keys: ignored
         else:
             self.state = _State(parts=[], skipped=[])
         self._arrays = self._open_arrays()
@@ -331,7 +344,10 @@ class RaggedShardWriter:
         self._tail = self._read_tail()
         self._drop_orphans()
         for part in self.state.hash_parts or []:  # chunks committed before a restart: written once, never again
-            self._saved.update({k: (v[0], int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
+            try:
+                self._saved.update({k: (str(v[0]), int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
+            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+                pass  # a speed-up only: chunks without a known hash are read back at close
         self._done = set()
         for part in self.state.parts or []:
             t = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, part)), columns=["done_key"])
@@ -439,7 +455,7 @@ class RaggedShardWriter:
             self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, part)
             parts.append(part)
         hash_parts = list(st.hash_parts or [])
-        fresh = {k: v for k, v in self._written.items() if "/c/" in k and self._saved.get(k) != v}  # chunk files
+        fresh = {k: v for k, v in self._written.items() if _is_chunk(k) and self._saved.get(k) != v}
         if fresh:
             name = f"hashes-{gen:06d}.json"
             self.loc.write_json(fresh, self.shard, WRITING, name)

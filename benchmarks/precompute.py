@@ -679,13 +679,13 @@ def prep_part(args) -> dict[str, Any]:
         def once(rate: float | None, ahead: int, writer: str = "none") -> tuple[float, int]:
             run_mod.PREFETCH_WINDOWS = ahead
             sink = open_writer(writer)  # opened (a process writer: started) before the clock
+            device = SimulatedDevice(rate) if rate is not None else None  # its synthetic pool too
             t = time.perf_counter()
             if rate is None:  # preparation alone
                 n = sum(len(e.token_ids) for w in range(0, len(todo), 2048)
                         for _, e in run_mod._prepare(ds, todo[w : w + 2048], fmt, None, tok, True, 4096, "truncate")[0])
             else:
-                n = run_mod._process(ds, todo, sink, SimulatedDevice(rate), fmt, None, tok, True, 4096, "truncate",
-                                     2048, False)
+                n = run_mod._process(ds, todo, sink, device, fmt, None, tok, True, 4096, "truncate", 2048, False)
                 sink.close()
             run_mod.PREFETCH_WINDOWS = 1
             return time.perf_counter() - t, n

@@ -9,12 +9,15 @@ Both the teacher store and the map store are built on this. Layout of a store di
           <field>/...                 [N, *tail] arrays, chunked along rows
           seq_offsets/...             [S+1] int64, sequence s owns rows seq_offsets[s]:seq_offsets[s+1]
         sequences.parquet             one row per sequence
-        _writing/                     only while the shard is being written (state.json, tail, row parts)
+        _writing/                     only while the shard is being written (state.json, tail, row parts,
+                                      sha256 of each commit's chunk files)
 
 Commit protocol (crash-safe at any instant): only whole chunks are ever written into the Zarr arrays, each
 exactly once; the rows after the last whole chunk live in an atomically written tail file; ``state.json``
 (atomic) says how many rows/sequences are durable. Resume truncates the arrays back to the state and drops
-files newer than it. A shard is complete once its entry in ``shards/`` exists; then it is immutable.
+files newer than it. A shard is complete once its entry in ``shards/`` exists; then it is immutable. Its digest
+(sha256 over every file's sha256) comes from hashes taken as the files were written, so closing a shard does not
+read it back; readers that check digests hash what is stored.
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _warm_up() -> None:
-    """Import what the first commit needs (Parquet, the codecs, Blosc) before the parent is told 'ready'."""
+    """Import what the first commit needs (Parquet, the codecs, Blosc, torch) before the parent is told 'ready'."""
     import io
 
     import numcodecs  # noqa: F401
@@ -191,8 +191,11 @@ def _warm_up() -> None:
     import zarr
     import zarr.codecs  # noqa: F401
 
+    from cdm.storage.topk_codec import _to_f16
+
     pq.write_table(pa.table({"x": [1]}), io.BytesIO())
     zarr.create_array(store={}, shape=(4,), chunks=(4,), dtype="int32", compressors=[zarr.codecs.BloscCodec()])[:] = 1
+    _to_f16(np.zeros((1, 1), np.float32))  # imports torch (the encoder's fp16 conversion) before "ready"
 
 
 def _writer_process(conn: Any, parent: int, writer_kwargs: Mapping[str, Any], data_fp: str) -> None:

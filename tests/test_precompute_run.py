@@ -310,3 +310,35 @@ def test_store_is_the_same_with_and_without_prefetched_windows(tmp_path, tiny_te
         assert a.text == b.text
         for f in ("token_ids", "char_spans", "topk_ids", "topk_logprobs", "logsumexp", "entropy"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_waits_for_the_host_side_are_measured_and_explained():
+    import time as _time
+
+    from cdm.precompute.run import host_wait_lines, prefetched
+    from cdm.precompute.sink import ThreadQueue
+
+    waited: list[float] = []
+    assert list(prefetched(lambda x: _time.sleep(0.05) or x, range(3), 0, waited.append)) == [0, 1, 2]
+    assert len(waited) == 3 and all(w >= 0.045 for w in waited)  # in line: the caller waits the whole time
+    waited.clear()
+    assert list(prefetched(lambda x: _time.sleep(0.05) or x, range(3), 1, waited.append)) == [0, 1, 2]
+    assert len(waited) == 3 and sum(waited) >= 0.045  # at least the first window is waited for
+
+    q = ThreadQueue(lambda item: _time.sleep(0.05), depth=1)
+    for i in range(4):
+        q.put(i)
+    q.close()
+    assert q.blocked_s >= 0.05  # a slow consumer makes put() wait
+
+    assert host_wait_lines({"preparation": 1.0, "writer": 0.5}, 100.0) == [
+        "host waits the teacher loop waited 1.0 s for tokenisation and 0.5 s for the store writer (of 100.0 s)"]
+    lines = host_wait_lines({"preparation": 20.0, "writer": 11.0}, 100.0)
+    assert len(lines) == 3 and "tokenisation limited" in lines[1] and "--writer process" in lines[2]
+
+
+def test_run_reports_host_waits(tmp_path, tiny_teacher):
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(6, seed=2, max_chars=100))
+    res = run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", batch_tokens=128, **QUIET)
+    assert res.stats["waited_for_preparation_s"] >= 0 and res.stats["waited_for_writer_s"] >= 0
+    assert "host waits the teacher loop waited" in res.report

@@ -262,6 +262,7 @@ def run(
     todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
     computed = bool(todo)
     tokens_run = 0
+    waits = {"preparation": 0.0, "writer": 0.0}
     if todo:
         from cdm.precompute.sink import ProcessSink, ThreadSink, resolve_writer_mode
 
@@ -272,20 +273,24 @@ def run(
         sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
         try:
             tokens_run = _process(ds, todo, sink, runner, fmt, render, tok, add_special, max_length, truncation,
-                                  window_rows, progress)
+                                  window_rows, progress, waits)
         except BaseException:
             sink.abort()  # commit what was handed over: a rerun resumes after it
             raise
+        waits["writer"] = sink.blocked_s  # hand-overs that waited for a full writer queue
         manifest_after, writer_stats = sink.close()
     else:
         manifest_after, writer_stats = writer.close(), writer.stats
     wall = time.perf_counter() - t0
-    stats = {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0}
+    stats = {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0,
+             "waited_for_preparation_s": waits["preparation"], "waited_for_writer_s": waits["writer"]}
     lines = [store_summary(manifest_after, url),
              f"this run   shard {shard}/{n_shards}: {len(todo)} rows, {tokens_run} tokens, "
              f"{stats['truncated_this_run']} truncated, {wall:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"]
     if stats["skipped"]:
         lines.append(f"skipped    {dict(sorted(stats['skipped'].items()))} (this shard)")
+    if todo:
+        lines.extend(host_wait_lines(waits, wall))
     report = "\n".join(lines)
     say(report)
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
@@ -402,6 +407,21 @@ def _prepare(ds: Any, indices: Sequence[int], fmt: RecordFormat, render: Any, to
 PREFETCH_WINDOWS = 1  # windows prepared ahead on a thread; 0: in line (the baseline of benchmarks/precompute.py --part prep)
 
 
+def host_wait_lines(waits: Mapping[str, float], wall: float, share: float = 0.10) -> list[str]:
+    """The report's line on how long the teacher loop waited for the host side, with what to do when a cause took
+    more than `share` of the run."""
+    prep, writer = waits.get("preparation", 0.0), waits.get("writer", 0.0)
+    lines = [f"host waits the teacher loop waited {prep:.1f} s for tokenisation and {writer:.1f} s for the store "
+             f"writer (of {wall:.1f} s)"]
+    if wall > 0 and prep > share * wall:
+        lines.append("           tokenisation limited this run: give each worker more CPU cores, or split the data "
+                     "over more shards")
+    if wall > 0 and writer > share * wall:
+        lines.append("           the store writer limited this run: try --writer process, more CPU cores per worker, "
+                     "or a faster disk")
+    return lines
+
+
 def windows(n: int, size: int, first: int = 256) -> list[tuple[int, int]]:
     """[start, stop) row windows of up to `size` rows, ramping up from `first` rows by doubling: the device starts
     after a short preparation, and each window is prepared (on a thread) while the device runs the previous one,
@@ -414,12 +434,24 @@ def windows(n: int, size: int, first: int = 256) -> list[tuple[int, int]]:
     return out
 
 
-def prefetched(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int = 1) -> Iterator[Any]:
+def prefetched(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int = 1,
+               on_wait: Callable[[float], None] | None = None) -> Iterator[Any]:
     """fn(a) for each a, in order, computing up to `ahead` results on a background thread while the caller uses the
     current one (for data preparation: the tokenizer releases the GIL, and the device would otherwise idle while a
-    window is tokenised). Errors re-raise in the caller at the item that failed; ahead=0 runs in line."""
+    window is tokenised). Errors re-raise in the caller at the item that failed; ahead=0 runs in line.
+    `on_wait(seconds)` is told how long the caller waited for each result (in line: the whole computation)."""
+    waited = on_wait or (lambda s: None)
+
+    def timed(get: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            return get()
+        finally:
+            waited(time.perf_counter() - t)
+
     if ahead <= 0:
-        yield from map(fn, args)
+        for a in args:
+            yield timed(lambda: fn(a))
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -430,9 +462,9 @@ def prefetched(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int = 1) ->
         for a in args:
             queued.append(pool.submit(fn, a))
             if len(queued) > ahead:
-                yield queued.popleft().result()
+                yield timed(queued.popleft().result)
         while queued:
-            yield queued.popleft().result()
+            yield timed(queued.popleft().result)
     finally:
         for f in queued:
             f.cancel()
@@ -440,9 +472,17 @@ def prefetched(fn: Callable[[Any], Any], args: Iterable[Any], ahead: int = 1) ->
 
 
 def _process(ds: Any, todo: list[int], sink: Any, runner: Any, fmt: RecordFormat, render: Any, tok: Any,
-             add_special: bool, max_length: int, truncation: str, window_rows: int, progress: bool) -> int:
+             add_special: bool, max_length: int, truncation: str, window_rows: int, progress: bool,
+             waits: dict[str, float] | None = None) -> int:
     """Prepare rows window by window, run the teacher batch by batch (one queued ahead) and hand each finished
-    batch to the sink; returns the number of tokens computed. The caller closes or aborts the sink."""
+    batch to the sink; returns the number of tokens computed. The caller closes or aborts the sink.
+    `waits["preparation"]` accumulates the seconds the loop waited for tokenised windows."""
+    waits = {} if waits is None else waits
+    waits.setdefault("preparation", 0.0)
+
+    def waited(seconds: float) -> None:
+        waits["preparation"] += seconds
+
     from tqdm.auto import tqdm
 
     from cdm.precompute.hf_backend import pipelined
@@ -455,7 +495,7 @@ def _process(ds: Any, todo: list[int], sink: Any, runner: Any, fmt: RecordFormat
         return _prepare(ds, todo[bounds[0] : bounds[1]], fmt, render, tok, add_special, max_length, truncation)
 
     def planned() -> Iterator[tuple[list[tuple[int, Encoded]], list[np.ndarray]]]:
-        for encs, skips in prefetched(prepare, windows(len(todo), window_rows), PREFETCH_WINDOWS):
+        for encs, skips in prefetched(prepare, windows(len(todo), window_rows), PREFETCH_WINDOWS, waited):
             for i, reason in skips:
                 sink.put(("skip", i, reason))
             bar.update(len(skips))

@@ -13,6 +13,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, Mapping
 
@@ -59,6 +60,7 @@ class ThreadQueue:
         self._fn = fn
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._err: BaseException | None = None
+        self.blocked_s = 0.0  # time put() waited for room: the consumer is slower than the producer
         self._t = threading.Thread(target=self._loop, name=name, daemon=True)
         self._t.start()
 
@@ -76,7 +78,9 @@ class ThreadQueue:
     def put(self, item: Any) -> None:
         if self._err is not None:
             raise self._err
+        t = time.perf_counter()
         self._q.put(item)
+        self.blocked_s += time.perf_counter() - t
 
     def close(self) -> None:
         self._q.put(None)
@@ -142,6 +146,11 @@ class ThreadSink:
 
     def put(self, item: tuple[Any, ...]) -> None:
         self._q.put(item)
+
+    @property
+    def blocked_s(self) -> float:
+        """Seconds put() waited because the writer was behind."""
+        return self._q.blocked_s
 
     def _drain(self) -> None:
         try:
@@ -327,6 +336,11 @@ class ProcessSink:
 
     def put(self, item: tuple[Any, ...]) -> None:
         self._q.put(item)
+
+    @property
+    def blocked_s(self) -> float:
+        """Seconds put() waited because the writer (sender + child) was behind."""
+        return self._q.blocked_s
 
     def _finish(self, kind: str) -> tuple[Any, dict[str, Any]]:
         try:

@@ -342,3 +342,32 @@ def test_run_reports_host_waits(tmp_path, tiny_teacher):
     res = run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", batch_tokens=128, **QUIET)
     assert res.stats["waited_for_preparation_s"] >= 0 and res.stats["waited_for_writer_s"] >= 0
     assert "host waits the teacher loop waited" in res.report
+
+
+def test_ctrl_c_commits_what_was_handed_over_and_says_how_to_resume(tmp_path, tiny_teacher, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cdm.cli import app
+    from cdm.precompute.hf_backend import HFBackend
+
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(12, seed=5, max_chars=120))
+    out = str(tmp_path / "s")
+    args = ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--text-field", "text", "--top-k", "4",
+            "--batch-tokens", "64", "--out", out, "--no-progress"]
+    real_submit, calls = HFBackend.submit, []
+
+    def interrupted(self, seqs):
+        calls.append(len(seqs))
+        if len(calls) == 3:  # the first batch has been handed to the writer by now
+            raise KeyboardInterrupt
+        return real_submit(self, seqs)
+
+    monkeypatch.setattr(HFBackend, "submit", interrupted)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130 and "rerun the same command to resume" in r.output
+    state = json.loads((tmp_path / "s" / "shard-00000" / "_writing" / "state.json").read_text())
+    assert state["n_sequences"] >= calls[0]
+    monkeypatch.setattr(HFBackend, "submit", real_submit)
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(by_source(out)) == list(range(12))

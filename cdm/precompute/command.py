@@ -70,6 +70,10 @@ def precompute_command(
     except (DataError, TeacherError, OffsetsUnavailable, StoreError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: every sequence handed to the store writer is committed; rerun the same command "
+                   "to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(res.url)
     if as_json:
         typer.echo(json.dumps({"url": res.url, "key": res.key, "computed": res.computed,

@@ -321,6 +321,21 @@ def test_resume_keeps_the_compressors_the_store_was_started_with(tmp_path):
         TeacherStoreWriter(url, shard_index=0, **kw)
 
 
+def _begin_then_crash(tmp_path, seed: int, n: int, committed: int):
+    """A shard with `committed` of `n` random sequences committed, then abandoned without close (a "crash");
+    returns (url, writer kwargs, all sequences)."""
+    rng = np.random.default_rng(seed)
+    seqs = [random_sequence(rng, i, n=int(rng.integers(5, 30))) for i in range(n)]
+    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, commit_tokens=40)
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, **kw)
+    for s in seqs[:committed]:
+        w.add(s)
+    w.commit()
+    del w
+    return url, kw, seqs
+
+
 def test_close_hashes_what_it_wrote_instead_of_reading_the_shard_back(tmp_path, monkeypatch):
     """The shard digest at close uses the sha256 of each chunk taken as it was written (persisted per commit, so a
     resumed writer also knows the chunks of earlier processes): no chunk file is read back, and the digest equals a
@@ -331,15 +346,7 @@ def test_close_hashes_what_it_wrote_instead_of_reading_the_shard_back(tmp_path, 
     reads: list[str] = []
     real_sha = Location.sha256
     monkeypatch.setattr(Location, "sha256", lambda self, *parts: reads.append("/".join(parts)) or real_sha(self, *parts))
-    rng = np.random.default_rng(8)
-    seqs = [random_sequence(rng, i, n=int(rng.integers(5, 30))) for i in range(40)]
-    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, commit_tokens=40)
-    url = str(tmp_path / "s")
-    w = TeacherStoreWriter(url, **kw)
-    for s in seqs[:25]:
-        w.add(s)
-    w.commit()
-    del w  # "crash": the next writer resumes after the last commit
+    url, kw, seqs = _begin_then_crash(tmp_path, seed=8, n=40, committed=25)
     w = TeacherStoreWriter(url, **kw)
     for s in seqs:
         if s.source_index not in w.done_source_indices:
@@ -360,15 +367,7 @@ def test_resume_survives_lost_hash_files_and_unknown_state_keys(tmp_path):
     a failed resume; a state.json key from a newer cdm is ignored."""
     from cdm.storage.ragged import _is_chunk
 
-    rng = np.random.default_rng(9)
-    seqs = [random_sequence(rng, i, n=int(rng.integers(5, 30))) for i in range(30)]
-    kw = dict(key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=16, commit_tokens=40)
-    url = str(tmp_path / "s")
-    w = TeacherStoreWriter(url, **kw)
-    for s in seqs[:20]:
-        w.add(s)
-    w.commit()
-    del w
+    url, kw, seqs = _begin_then_crash(tmp_path, seed=9, n=30, committed=20)
     writing = tmp_path / "s" / "shard-00000" / "_writing"
     state = json.loads((writing / "state.json").read_text())
     assert len(state["hash_parts"]) >= 2

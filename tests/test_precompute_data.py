@@ -181,12 +181,22 @@ def test_normalise_spans_moves_added_specials():
     assert s.tolist() == [[0, 0], [0, 3], [3, 5], [5, 5]]
 
 
+def normalise_spans_reference(spans: np.ndarray) -> np.ndarray:
+    """The loop that defines `normalise_spans`: an empty token takes the end of the last non-empty one (0 if none)."""
+    spans = np.array(spans, dtype=np.int32).reshape(-1, 2)
+    prev = 0
+    for i in range(len(spans)):
+        if spans[i, 0] == spans[i, 1]:
+            spans[i] = (prev, prev)
+        else:
+            prev = int(spans[i, 1])
+    return spans
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.booleans()), max_size=40))
 def test_normalise_spans_vectorised_equals_loop(parts):
     """Random span lists with empty tokens anywhere (first, runs, last), non-monotone ends included."""
-    from cdm.precompute.encode import normalise_spans_reference
-
     spans = np.array([[a, a] if empty else [a, a + w + 1] for a, w, empty in parts], dtype=np.int32).reshape(-1, 2)
     got = normalise_spans(spans)
     np.testing.assert_array_equal(got, normalise_spans_reference(spans))

@@ -371,6 +371,8 @@ def test_resume_survives_lost_hash_files_and_unknown_state_keys(tmp_path):
     writing = tmp_path / "s" / "shard-00000" / "_writing"
     state = json.loads((writing / "state.json").read_text())
     assert len(state["hash_parts"]) >= 2
+    parts = [set(json.loads((writing / p).read_text())) for p in state["hash_parts"]]
+    assert sum(map(len, parts)) == len(set().union(*parts))  # each commit persists only its own new chunks
     (writing / state["hash_parts"][0]).unlink()
     (writing / state["hash_parts"][1]).write_text("{not json")
     state["from_the_future"] = 1

@@ -63,18 +63,6 @@ def normalise_spans(spans: np.ndarray) -> np.ndarray:
     return spans
 
 
-def normalise_spans_reference(spans: np.ndarray) -> np.ndarray:
-    """Loop version of `normalise_spans` (the definition; the tests compare the two)."""
-    spans = np.array(spans, dtype=np.int32).reshape(-1, 2)
-    prev = 0
-    for i in range(len(spans)):
-        if spans[i, 0] == spans[i, 1]:
-            spans[i] = (prev, prev)
-        else:
-            prev = int(spans[i, 1])
-    return spans
-
-
 def check_offsets(tokenizer: Any) -> None:
     """Refuse a tokenizer without usable offsets (slow tokenizers, or offsets that do not index the text)."""
     probe = "Hello world, naïve 123."

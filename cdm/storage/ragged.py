@@ -150,22 +150,24 @@ def _sha256(data: Any) -> str:
 
 
 class _HashingStore(zarr.storage.WrapperStore):  # type: ignore[type-arg]
-    """A zarr store that records (sha256, size) of every value it writes under `prefix + key` in `record`, and
-    forgets deleted keys: what the shard digest needs, without reading the shard back. Hashing large values runs
-    in a thread (hashlib releases the GIL), beside the compression of the other chunks."""
+    """A zarr store that records (sha256, size) of every value it writes under `prefix + key` in `record` (and the
+    key in `recent`, so a commit persists only what is new), and forgets deleted keys: what the shard digest needs,
+    without reading the shard back. Hashing large values runs in a thread (hashlib releases the GIL), beside the
+    compression of the other chunks."""
 
-    def __init__(self, store: Any, record: dict[str, tuple[str, int]], prefix: str):
+    def __init__(self, store: Any, record: dict[str, tuple[str, int]], recent: set[str], prefix: str):
         super().__init__(store)
-        self._record, self._prefix = record, prefix
+        self._record, self._recent, self._prefix = record, recent, prefix
 
     def _with_store(self, store: Any) -> "_HashingStore":
-        return type(self)(store, self._record, self._prefix)
+        return type(self)(store, self._record, self._recent, self._prefix)
 
     async def set(self, key: str, value: Any) -> None:
         data = value.as_numpy_array()
         sha = await asyncio.to_thread(_sha256, data) if data.nbytes > 1 << 16 else _sha256(data)
         await self._store.set(key, value)
         self._record[self._prefix + key] = (sha, int(data.nbytes))
+        self._recent.add(self._prefix + key)
 
     async def set_if_not_exists(self, key: str, value: Any) -> None:
         if not await self._store.exists(key):
@@ -177,6 +179,7 @@ class _HashingStore(zarr.storage.WrapperStore):  # type: ignore[type-arg]
     async def delete(self, key: str) -> None:
         await self._store.delete(key)
         self._record.pop(self._prefix + key, None)
+        self._recent.discard(self._prefix + key)
 
     async def delete_dir(self, prefix: str) -> None:
         await self._store.delete_dir(prefix)
@@ -189,6 +192,7 @@ class _HashingStore(zarr.storage.WrapperStore):  # type: ignore[type-arg]
     def _forget(self, full_prefix: str) -> None:
         for k in [k for k in self._record if k.startswith(full_prefix)]:
             del self._record[k]
+            self._recent.discard(k)
 
 
 def _is_chunk(rel: str) -> bool:
@@ -288,8 +292,8 @@ class RaggedShardWriter:
         self._buf_skips: list[list[Any]] = []
         self._buf_n = 0
         self._tail: dict[str, np.ndarray] = {}
-        self._written: dict[str, tuple[str, int]] = {}  # shard-relative path -> (sha256, size), this process's writes
-        self._saved: dict[str, tuple[str, int]] = {}  # chunk hashes persisted in _writing/hashes-*.json
+        self._hashes: dict[str, tuple[str, int]] = {}  # shard-relative path -> (sha256, size) of what was written
+        self._unsaved: set[str] = set()  # paths written since the last commit (chunk hashes get persisted then)
         self.complete = False
         self._open()
 
@@ -340,17 +344,17 @@ class RaggedShardWriter:
             self.state = _State(**{k: v for k, v in st.items() if k in known})  # newer keys: ignored
         else:
             self.state = _State(parts=[], skipped=[])
-        self._arrays = self._open_arrays()
+        for part in self.state.hash_parts or []:  # chunks committed before a restart: written once, never again
+            try:
+                self._hashes.update({k: (str(v[0]), int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
+            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+                pass  # a speed-up only: chunks without a known hash are read back at close
+        self._arrays = self._open_arrays()  # truncating to the state below forgets the hashes of dropped chunks
         for name, arr in self._arrays.items():
             if arr.shape[0] != self.state.rows_in_zarr:
                 arr.resize((self.state.rows_in_zarr, *arr.shape[1:]))
         self._tail = self._read_tail()
         self._drop_orphans()
-        for part in self.state.hash_parts or []:  # chunks committed before a restart: written once, never again
-            try:
-                self._saved.update({k: (str(v[0]), int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
-            except (OSError, ValueError, TypeError, IndexError, AttributeError):
-                pass  # a speed-up only: chunks without a known hash are read back at close
         self._done = set()
         for part in self.state.parts or []:
             t = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, part)), columns=["done_key"])
@@ -359,7 +363,7 @@ class RaggedShardWriter:
 
     def _zarr_store(self) -> _HashingStore:
         """The shard's Zarr group store, recording what it writes (see `_HashingStore`)."""
-        return _HashingStore(self.loc.zarr_store(self.shard, ZARR_GROUP), self._written, ZARR_GROUP + "/")
+        return _HashingStore(self.loc.zarr_store(self.shard, ZARR_GROUP), self._hashes, self._unsaved, ZARR_GROUP + "/")
 
     def _open_arrays(self) -> dict[str, zarr.Array]:
         group = zarr.open_group(store=self._zarr_store(), mode="a")
@@ -458,7 +462,7 @@ class RaggedShardWriter:
             self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, part)
             parts.append(part)
         hash_parts = list(st.hash_parts or [])
-        fresh = {k: v for k, v in self._written.items() if _is_chunk(k) and self._saved.get(k) != v}
+        fresh = {k: self._hashes[k] for k in self._unsaved if _is_chunk(k) and k in self._hashes}
         if fresh:
             name = f"hashes-{gen:06d}.json"
             self.loc.write_json(fresh, self.shard, WRITING, name)
@@ -474,7 +478,7 @@ class RaggedShardWriter:
             hash_parts=hash_parts,
         )
         self.loc.write_json(new.to_json(), self.shard, WRITING, "state.json")
-        self._saved.update(fresh)
+        self._unsaved.clear()
         self._done |= {int(r["done_key"]) for r in self._buf_rows} | {int(s[0]) for s in self._buf_skips}
         old_tail = f"tail-{st.gen}.npz"
         self.state, self._tail = new, tail
@@ -512,8 +516,8 @@ class RaggedShardWriter:
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
         self.loc.write_bytes(data, self.shard, "sequences.parquet")
-        self._written["sequences.parquet"] = (hashlib.sha256(data).hexdigest(), len(data))
-        digest, files = shard_digest(self.loc, self.shard, known={**self._saved, **self._written})
+        self._hashes["sequences.parquet"] = (hashlib.sha256(data).hexdigest(), len(data))
+        digest, files = shard_digest(self.loc, self.shard, known=self._hashes)
         skipped: dict[str, int] = {}
         for _, reason in st.skipped or []:
             skipped[reason] = skipped.get(reason, 0) + 1

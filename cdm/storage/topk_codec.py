@@ -16,6 +16,7 @@ Optionally, ids pass through a bijective remap that gives the ``id_table`` ids (
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -200,17 +201,13 @@ def _to_f16(lp: np.ndarray) -> np.ndarray:
         return lp.astype(np.float16)
 
 
-_TORCH: list[Any] = []
-
-
+@functools.cache
 def _torch() -> Any:
-    if not _TORCH:
-        try:
-            import torch
-        except ImportError:  # readers and tools that never encode need not have torch
-            torch = None
-        _TORCH.append(torch)
-    return _TORCH[0]
+    try:
+        import torch
+    except ImportError:  # readers and tools that never encode need not have torch
+        return None
+    return torch
 
 
 def _f16_keys(lp: np.ndarray) -> np.ndarray:

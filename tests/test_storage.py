@@ -386,3 +386,80 @@ def test_resume_survives_lost_hash_files_and_unknown_state_keys(tmp_path):
     assert sorted(s.source_index for s in TeacherStore(url, check="digest")) == list(range(30))
     assert _is_chunk("tokens/topk_ids/c/3/0") and not _is_chunk("tokens/c/zarr.json") and not _is_chunk("sequences.parquet")
     assert not _is_chunk("tokens/topk_ids/zarr.json")
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(0, 300), length=st.integers(0, 300), chunk=st.integers(1, 64))
+def test_chunk_pieces_tile_the_range_one_chunk_each(start, length, chunk):
+    from cdm.storage.ragged import _chunk_pieces
+
+    pieces = _chunk_pieces(start, start + length, chunk)
+    covered = [i for a, b in pieces for i in range(a, b)]
+    assert covered == list(range(start, start + length))
+    for a, b in pieces:
+        assert a // chunk == (b - 1) // chunk  # inside one chunk
+        assert a % chunk == 0 or a == start  # a piece starts a chunk unless it is the first
+
+
+def test_writer_hands_zarr_whole_chunks_and_stores_every_chunk(tmp_path, monkeypatch):
+    """Each zarr write is one chunk (zarr then stores the value as it is instead of copying it into a fill-value
+    buffer), and a chunk equal to the fill value is still stored (no all-equal scan per chunk)."""
+    from zarr.core.array import AsyncArray
+
+    from tests.storage_helpers import random_sequence
+
+    chunk = 16
+    shapes: list[tuple[int, int]] = []
+    real_setitem = AsyncArray.setitem
+
+    async def spy(self, selection, value, prototype=None):
+        if isinstance(selection, slice):
+            shapes.append((selection.start, selection.stop))
+        return await real_setitem(self, selection, value, prototype)
+
+    monkeypatch.setattr(AsyncArray, "setitem", spy)
+    rng = np.random.default_rng(3)
+    seqs = [random_sequence(rng, i, n=20 if i == 0 else int(rng.integers(5, 30))) for i in range(12)]
+    zero = seqs[0]  # an all-zero chunk: token ids, spans and sequence ids of zeros
+    zero.token_ids[:] = 0
+    zero.char_spans[:] = 0
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=8, vocab_size=1000, chunk_rows=chunk,
+                           commit_tokens=70)
+    for s in seqs:
+        w.add(s)
+    w.close()
+    assert shapes and all(a // chunk == (b - 1) // chunk for a, b in shapes), shapes
+    n_tokens = sum(s.n_tokens for s in seqs)
+    g = zarr.open_group(str(tmp_path / "s" / "shard-00000" / "tokens"), mode="r")
+    for name in ("token_ids", "char_spans"):
+        stored = sorted(p.name for p in (tmp_path / "s" / "shard-00000" / "tokens" / name / "c").iterdir())
+        assert stored == [str(i) for i in sorted(range(-(-n_tokens // chunk)), key=str)], (name, stored)
+        assert g[name].shape[0] == n_tokens
+    got = {s.source_index: s for s in TeacherStore(url, check="digest")}
+    for s in seqs:
+        assert_sequences_equal(s, got[s.source_index])
+
+
+def test_writer_names_the_sequence_of_bad_top_k_rows(tmp_path):
+    """Unsorted, NaN and -inf top-k log-probs are refused before anything is buffered, naming the sequence."""
+    rng = np.random.default_rng(5)
+    url = str(tmp_path / "s")
+    w = TeacherStoreWriter(url, key="test-key", manifest=manifest_sections(), k=4, vocab_size=1000)
+    cases = {"not sorted": lambda lp: lp[1, ::-1], "is nan": lambda lp: np.nan, "finite and <= 0": lambda lp: -np.inf}
+    for i, (message, poison) in enumerate(cases.items()):
+        s = random_sequence(rng, i, k=4, n=5)
+        s.topk_logprobs = s.topk_logprobs.copy()
+        if message == "not sorted":
+            s.topk_logprobs[1] = poison(s.topk_logprobs)
+        else:
+            s.topk_logprobs[2, 3] = poison(s.topk_logprobs)
+        with pytest.raises(StoreError, match=rf"sequence s{i:06d}: .*{message}"):
+            w.add(s)
+    s = random_sequence(rng, 7, k=4, n=5)
+    s.topk_ids = s.topk_ids.copy()
+    s.topk_ids[0, 0] = -1
+    with pytest.raises(StoreError, match="outside"):
+        w.add(s)
+    w.close()
+    assert len(TeacherStore(url)) == 0

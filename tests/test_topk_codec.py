@@ -351,3 +351,39 @@ def test_zarr_round_trip_through_field_specs(name, tmp_path):
     full_ids, full_lp = codec.decode(enc)
     np.testing.assert_array_equal(dec_ids, full_ids[100:250])
     np.testing.assert_array_equal(dec_lp, full_lp[100:250])
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 6), k=st.integers(1, 6),
+       poison=st.sampled_from(["none", "nan", "inf", "-inf", "swap", "tie"]))
+def test_one_pass_validation_equals_the_slow_scans(seed, n, k, poison):
+    """The one-comparison-pass check accepts exactly the rows the separate NaN / +inf / order scans accept."""
+    from cdm.storage.topk_codec import _sorted_without_nan_or_inf
+
+    rng = np.random.default_rng(seed)
+    lp = np.sort(-rng.exponential(size=(n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+    if n and poison != "none":
+        r, c = int(rng.integers(n)), int(rng.integers(k))
+        if poison == "swap" and k > 1:
+            c = min(c, k - 2)
+            lp[r, c], lp[r, c + 1] = lp[r, c + 1] - 1.0, lp[r, c]
+        elif poison == "tie" and k > 1:
+            lp[r, c:] = lp[r, c]
+        elif poison in ("nan", "inf", "-inf"):
+            lp[r, c] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}[poison]
+    slow = not (np.isnan(lp) | (lp == np.inf)).any() and not (lp[:, 1:] > lp[:, :-1]).any()
+    assert _sorted_without_nan_or_inf(lp) == slow
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint16", "uint32", "uint64"]),
+       hi=st.sampled_from([0, 5, 1000, 2**31 - 1]))
+def test_ids_in_range_equals_min_max(seed, dtype, hi):
+    from cdm.storage.topk_codec import ids_in_range
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(max(info.min, -2000), min(info.max, 2000), size=(3, 4), endpoint=True).astype(dtype)
+    if rng.random() < 0.3:
+        ids[rng.integers(3), rng.integers(4)] = info.min if rng.random() < 0.5 else info.max
+    assert ids_in_range(ids, hi) == bool(ids.min() >= 0 and ids.max() <= hi)

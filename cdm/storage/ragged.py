@@ -231,9 +231,17 @@ class _State:
 CONCURRENT_FIELD_WRITES = True  # False: field after field (the baseline of benchmarks/precompute.py --part writer)
 
 
+def _chunk_pieces(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) cut at multiples of `chunk_rows`: one piece per chunk touched."""
+    cuts = [start, *range((start // chunk_rows + 1) * chunk_rows, stop, chunk_rows), stop]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def _write_concurrently(writes: dict[str, tuple[zarr.Array, int, np.ndarray]]) -> None:
     """arr[start:start+len(data)] = data for every field at once: one event-loop gather, so the chunks of all
-    fields are encoded and compressed concurrently (Blosc releases the GIL) instead of field after field."""
+    fields are encoded and compressed concurrently (Blosc releases the GIL) instead of field after field. Each
+    chunk is its own write: zarr takes a value of exactly one chunk's shape as the chunk itself, where a slab
+    spanning several chunks is copied chunk by chunk into fresh fill-value buffers first."""
     from zarr.core.sync import sync
 
     if not CONCURRENT_FIELD_WRITES:
@@ -242,8 +250,9 @@ def _write_concurrently(writes: dict[str, tuple[zarr.Array, int, np.ndarray]]) -
         return
 
     async def all_fields() -> None:
-        await asyncio.gather(*(arr._async_array.setitem(slice(start, start + len(data)), data)
-                               for arr, start, data in writes.values()))
+        await asyncio.gather(*(arr._async_array.setitem(slice(a, b), data[a - start : b - start])
+                               for arr, start, data in writes.values()
+                               for a, b in _chunk_pieces(start, start + len(data), arr.chunks[0])))
 
     sync(all_fields())
 
@@ -370,9 +379,9 @@ class RaggedShardWriter:
         arrays = {}
         for name, spec in self.fields.items():
             if name in group:
-                arrays[name] = group[name]
+                arr = group[name]
             else:
-                arrays[name] = group.create_array(
+                arr = group.create_array(
                     name,
                     shape=(0, *spec.tail),
                     chunks=(self.chunk_rows, *spec.tail),
@@ -380,6 +389,9 @@ class RaggedShardWriter:
                     compressors=list(spec.compressors),
                     fill_value=0,
                 )
+            # every chunk is stored, even one equal to the fill value: zarr's default compares each chunk with
+            # it before writing (a full scan, slower than compressing a uint16 chunk) to skip such chunks
+            arrays[name] = arr.with_config({"write_empty_chunks": True})
         return arrays
 
     def _read_tail(self) -> dict[str, np.ndarray]:

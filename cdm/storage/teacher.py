@@ -26,7 +26,7 @@ from cdm.storage.ragged import (
     bytes_on_disk,
     read_manifest,
 )
-from cdm.storage.topk_codec import TopKCodec, from_description, get_codec
+from cdm.storage.topk_codec import TopKCodec, from_description, get_codec, ids_in_range
 
 FORMAT = "cdm-teacher-store"
 TOKENIZER_FILE = "tokenizer.json"  # the teacher's tokenizer, so build-map needs no teacher model
@@ -186,21 +186,19 @@ class TeacherStoreWriter:
             raise StoreError(f"sequence {sid}: logsumexp/entropy must have shape ({n},)")
         if n == 0:
             raise StoreError(f"sequence {sid}: no tokens")
-        if ids.min() < 0 or ids.max() >= self.vocab_size or topk_ids.min() < 0 or topk_ids.max() >= self.vocab_size:
+        if not (ids_in_range(ids, self.vocab_size - 1) and ids_in_range(topk_ids, self.vocab_size - 1)):
             raise StoreError(f"sequence {sid}: token ids outside [0, {self.vocab_size})")
         tl = len(seq.text)
         if spans.min() < 0 or spans.max() > tl or np.any(spans[:, 0] > spans[:, 1]):
             raise StoreError(f"sequence {sid}: char_spans outside the text (length {tl}) or reversed")
-        if not np.all(np.isfinite(lps)) or lps.max() > 1e-3:
+        try:  # the codec refuses NaN, +inf and unsorted rows (naming the row) in one pass over the top-k
+            topk_arrays = self.codec.encode(topk_ids, lps)
+        except ValueError as e:
+            raise StoreError(f"sequence {sid}: {e}") from None
+        if lps[:, 0].max() > 1e-3 or lps[:, -1].min() == -np.inf:  # rows are descending: the ends bound them
             raise StoreError(f"sequence {sid}: top-k log-probabilities must be finite and <= 0")
         resp = np.asarray(seq.response_spans, dtype=np.int32).reshape(-1, 2)
-        arrays = {
-            "token_ids": ids,
-            "char_spans": spans,
-            "logsumexp": lse,
-            "entropy": ent,
-            **self.codec.encode(topk_ids, lps),
-        }
+        arrays = {"token_ids": ids, "char_spans": spans, "logsumexp": lse, "entropy": ent, **topk_arrays}
         row = {
             "seq_id": sid,
             "text": seq.text,

@@ -78,6 +78,20 @@ class TopKCodec(Protocol):
 # input validation
 
 
+def ids_in_range(ids: np.ndarray, hi: int) -> bool:
+    """All ids in [0, hi], in one pass: signed ids of 4+ bytes viewed as unsigned make negatives huge."""
+    if ids.dtype.kind == "i" and ids.dtype.itemsize >= 4 and hi < 2 ** (8 * ids.dtype.itemsize - 1):
+        return int(ids.view(f"u{ids.dtype.itemsize}").max()) <= hi
+    return int(ids.min()) >= 0 and int(ids.max()) <= hi
+
+
+def _sorted_without_nan_or_inf(lp: np.ndarray) -> bool:
+    """Every row descending with no NaN or +inf, in one comparison pass: a NaN fails each comparison it is in, and
+    a +inf in a descending row sits in column 0 (-inf is allowed: top-k of a masked vocabulary ends in it)."""
+    first = lp[:, 0]
+    return bool((lp[:, :-1] >= lp[:, 1:]).all()) and not bool((np.isnan(first) | (first == np.inf)).any())
+
+
 def _check_inputs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Refuse mis-shaped, non-integer, out-of-range ids and NaN / +inf / unsorted log-prob rows, naming the row."""
     ids = np.asarray(ids)
@@ -90,20 +104,17 @@ def _check_inputs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np
         raise ValueError(f"topk_ids: dtype {ids.dtype} is not an integer type")
     if not np.issubdtype(logprobs.dtype, np.floating):
         raise ValueError(f"topk_logprobs: dtype {logprobs.dtype} is not a floating type")
-    if ids.size:
-        lo, hi = ids.min(), ids.max()
-        if lo < 0 or hi > _INT32_MAX:
-            bad = int(np.argmax(((ids < 0) | (ids > _INT32_MAX)).any(axis=1)))
-            raise ValueError(f"topk_ids: row {bad} has an id outside [0, 2**31 - 1]: {ids[bad].tolist()}")
+    if ids.size and not ids_in_range(ids, _INT32_MAX):
+        bad = int(np.argmax(((ids < 0) | (ids > _INT32_MAX)).any(axis=1)))
+        raise ValueError(f"topk_ids: row {bad} has an id outside [0, 2**31 - 1]: {ids[bad].tolist()}")
     with np.errstate(over="ignore"):  # float64 below float32's range becomes -inf, like any float32 teacher
         lp = logprobs.astype(np.float32, copy=False)
-    bad_val = np.isnan(lp) | (lp == np.inf)
-    if bad_val.any():
-        r, c = np.argwhere(bad_val)[0]
-        raise ValueError(f"topk_logprobs: row {r} column {c} is {lp[r, c]} (log-probs must be finite or -inf)")
-    unsorted = lp[:, 1:] > lp[:, :-1]
-    if unsorted.any():
-        r, c = np.argwhere(unsorted)[0]
+    if not _sorted_without_nan_or_inf(lp):  # the slow scans below only find and name what is wrong
+        bad_val = np.isnan(lp) | (lp == np.inf)
+        if bad_val.any():
+            r, c = np.argwhere(bad_val)[0]
+            raise ValueError(f"topk_logprobs: row {r} column {c} is {lp[r, c]} (log-probs must be finite or -inf)")
+        r, c = np.argwhere(lp[:, 1:] > lp[:, :-1])[0]
         raise ValueError(
             f"topk_logprobs: row {r} is not sorted in descending order at column {c + 1} "
             f"({lp[r, c]} then {lp[r, c + 1]}); top-k rows must be in rank order"

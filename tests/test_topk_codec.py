@@ -387,3 +387,38 @@ def test_ids_in_range_equals_min_max(seed, dtype, hi):
     if rng.random() < 0.3:
         ids[rng.integers(3), rng.integers(4)] = info.min if rng.random() < 0.5 else info.max
     assert ids_in_range(ids, hi) == bool(ids.min() >= 0 and ids.max() <= hi)
+
+
+def quantize_reference(codec: QuantTopKCodec, logprobs: np.ndarray) -> np.ndarray:
+    """The quant grid index by its definition, every case in int64/float64 (the encoder before its float32 path)."""
+    m, b, e_min = codec.rel_bits, codec.abs_bits, codec.E_MIN
+    a = np.maximum(-np.asarray(logprobs, dtype=np.float32), np.float32(0.0))
+    tiny = np.rint(np.minimum(a, np.float32(2.0**e_min)) * np.float32(2.0 ** (m - e_min))).astype(np.int64)
+    bits = a.view(np.uint32).astype(np.int64)
+    rel = ((bits + (1 << (22 - m))) >> (23 - m)) - ((127 + e_min - 1) << m)
+    a1 = 2.0 ** (m - b)
+    i1 = (m - b - e_min + 1) << m
+    cap = i1 + np.rint((np.minimum(a.astype(np.float64), 2.0**60) - a1) * 2.0**b)
+    cap = np.minimum(cap, float(2**32 - 1)).astype(np.int64)
+    return np.where(a < 2.0**e_min, tiny, np.where(a < a1, rel, cap))
+
+
+@pytest.mark.parametrize("bits", [(5, 7), (2, 2), (0, 1), (8, 10), (16, 20), (3, 4), (1, 20)])
+def test_quantize_equals_the_float64_definition_bit_for_bit(bits):
+    """Every float32 class: random bit patterns of non-positive floats (all exponents), the boundaries of each
+    region and their float32 neighbours, the float32 path's limit, -inf, -0.0 and realistic teacher log-probs."""
+    codec = QuantTopKCodec(*bits)
+    rng = np.random.default_rng(sum(bits))
+    patterns = (rng.integers(0, 0x7F800000, 400_000, dtype=np.uint32) | np.uint32(0x80000000)).view(np.float32)
+    m, b, e_min = codec.rel_bits, codec.abs_bits, codec.E_MIN
+    edges = np.array([2.0**e_min, 2.0 ** (m - b), 2.0 ** (m - b) * 2.0**24, codec._a_max, float(codec._fast_cap_limit),
+                      2.0**60, 2.0**100, 1.0, 0.5], dtype=np.float32)
+    around = np.concatenate([edges, np.nextafter(edges, np.float32(0)), np.nextafter(edges, np.float32(np.inf))])
+    special = np.array([0.0, -0.0, -np.inf, -np.finfo(np.float32).max, -np.finfo(np.float32).tiny, -1e-45], np.float32)
+    real = -rng.gamma(2.0, 2.0, 200_000).astype(np.float32)
+    lp = np.concatenate([patterns, -around, special, real])
+    lp = lp[np.abs(lp) < np.inf].tolist() + [-np.inf]
+    lp = np.asarray(lp, np.float32)[None, :]
+    got = codec.quantize(lp)
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got.astype(np.int64), quantize_reference(codec, lp))

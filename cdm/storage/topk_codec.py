@@ -346,6 +346,9 @@ class QuantTopKCodec:
         self._a1 = 2.0 ** (m - b)  # where the relative step reaches the absolute cap
         self._i1 = (m - b - self.E_MIN + 1) << m  # grid index of a == a1
         self._a_max = self._a1 + (_SENTINEL - 1 - self._i1) * 2.0**-b  # largest representable a
+        limit = min(self._a1 * 2.0**24, self._a_max)  # below it `quantize` may take the float32 path
+        limit32 = np.float32(limit)
+        self._fast_cap_limit = limit32 if float(limit32) <= limit else np.nextafter(limit32, np.float32(0))
 
     @property
     def max_abs_error(self) -> float:
@@ -358,23 +361,44 @@ class QuantTopKCodec:
         }
 
     def quantize(self, logprobs: np.ndarray) -> np.ndarray:
-        """Grid index of each float32 log-prob (int64, non-decreasing as the log-prob falls; 2**32-1 is -inf)."""
+        """Grid index of each float32 log-prob (uint32, non-decreasing as the log-prob falls; 2**32-1 is -inf).
+
+        In place on one uint32 buffer, float32 where that is exact: a - a1 is exact in float32 for a < a1 * 2**24
+        (a1, a power of two, is then a multiple of a's ulp); the rare larger a (and -inf) take the float64 formula.
+        tests/test_topk_codec.py keeps the all-float64 definition this must equal bit for bit."""
         m, b, e_min = self.rel_bits, self.abs_bits, self.E_MIN
         v = np.asarray(logprobs, dtype=np.float32)
-        too_big = v > self.max_abs_error
-        if too_big.any():
-            r, c = np.argwhere(too_big)[0]
+        if v.size and v.max() > self.max_abs_error:
+            r, c = np.argwhere(v > self.max_abs_error)[0]
             raise ValueError(f"topk_logprobs: row {r} column {c} is {v[r, c]} > 0; log-probabilities must be <= 0")
-        a = np.maximum(-v, np.float32(0.0))
-        # tiny (a < 2**E_MIN): uniform step 2**(E_MIN - m)
-        tiny = np.rint(np.minimum(a, np.float32(2.0**e_min)) * np.float32(2.0 ** (m - e_min))).astype(np.int64)
+        a = np.negative(v)
+        np.maximum(a, np.float32(0.0), out=a)
         # relative octaves: round the float32 mantissa to m bits; a carry moves into the exponent, as wanted
-        bits = a.view(np.uint32).astype(np.int64)
-        rel = ((bits + (1 << (22 - m))) >> (23 - m)) - ((127 + e_min - 1) << m)
-        # capped: fixed step 2**-b above a1 (float64: exact for every float32 input)
-        cap = self._i1 + np.rint((np.minimum(a.astype(np.float64), 2.0**60) - self._a1) * 2.0**b)
-        cap = np.minimum(cap, float(_SENTINEL)).astype(np.int64)  # -inf and anything below min_logprob
-        return np.where(a < 2.0**e_min, tiny, np.where(a < self._a1, rel, cap))
+        # (bits <= 0x7F800000 for a <= inf, so uint32 cannot overflow; tiny and capped entries are overwritten)
+        out = a.view(np.uint32) + np.uint32(1 << (22 - m))
+        out >>= np.uint32(23 - m)
+        out -= np.uint32(((127 + e_min - 1) << m) % 2**32)
+        capped = a >= np.float32(self._a1)
+        if capped.any():  # fixed step 2**-b above a1
+            big = a >= self._fast_cap_limit
+            x = a - np.float32(self._a1)
+            with np.errstate(over="ignore"):  # only `big` entries overflow, and they are replaced below
+                x *= np.float32(2.0**b)
+            np.rint(x, out=x)
+            np.clip(x, 0.0, np.float32(2.0**32 - 2.0**8), out=x)  # only entries below `big` are kept: in range
+            cap = x.astype(np.uint32)
+            cap += np.uint32(self._i1)
+            if big.any():
+                ab = a[big].astype(np.float64)
+                cb = self._i1 + np.rint((np.minimum(ab, 2.0**60) - self._a1) * 2.0**b)
+                cap[big] = np.minimum(cb, float(_SENTINEL)).astype(np.uint32)
+            np.copyto(out, cap, where=capped)
+        tiny = a < np.float32(2.0**e_min)
+        if tiny.any():  # a < 2**E_MIN: uniform step 2**(E_MIN - m)
+            t = np.minimum(a, np.float32(2.0**e_min))
+            t *= np.float32(2.0 ** (m - e_min))
+            np.copyto(out, np.rint(t, out=t).astype(np.uint32), where=tiny)
+        return out
 
     def dequantize(self, idx: np.ndarray) -> np.ndarray:
         """Log-prob (float32) of each grid index; the sentinel 2**32-1 gives -inf."""

@@ -463,3 +463,20 @@ def test_writer_names_the_sequence_of_bad_top_k_rows(tmp_path):
         w.add(s)
     w.close()
     assert len(TeacherStore(url)) == 0
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_read_many_keeps_order_across_batches_and_reports_missing_files(tmp_path, where):
+    from cdm.storage.fs import Location
+
+    loc = Location(str(tmp_path / "d") if where == "local" else f"memory://read-many-{os.getpid()}")
+    names = [f"f{i:03d}" for i in range(11)]
+    for i, n in enumerate(names):
+        loc.write_bytes(bytes([i]) * (i + 1), "sub", n)
+    got = list(loc.read_many([("sub", n) for n in names], batch=4))
+    assert got == [bytes([i]) * (i + 1) for i in range(11)]
+    with_missing = list(loc.read_many([("sub", "f001"), ("sub", "nope"), ("sub", "f002")], missing_ok=True, batch=2))
+    assert with_missing == [b"\x01\x01", None, b"\x02\x02\x02"]
+    with pytest.raises(FileNotFoundError):
+        list(loc.read_many([("sub", "f001"), ("sub", "nope")], batch=2))
+    assert list(loc.read_many([])) == []

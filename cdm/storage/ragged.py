@@ -353,10 +353,11 @@ class RaggedShardWriter:
             self.state = _State(**{k: v for k, v in st.items() if k in known})  # newer keys: ignored
         else:
             self.state = _State(parts=[], skipped=[])
-        for part in self.state.hash_parts or []:  # chunks committed before a restart: written once, never again
-            try:
-                self._hashes.update({k: (str(v[0]), int(v[1])) for k, v in self.loc.read_json(self.shard, WRITING, part).items()})
-            except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        hash_parts = self.state.hash_parts or []
+        for raw in self.loc.read_many([(self.shard, WRITING, p) for p in hash_parts], missing_ok=True):
+            try:  # chunks committed before a restart: written once, never again
+                self._hashes.update({k: (str(v[0]), int(v[1])) for k, v in json.loads(raw or b"").items()})
+            except (ValueError, TypeError, IndexError, AttributeError):
                 pass  # a speed-up only: chunks without a known hash are read back at close
         self._arrays = self._open_arrays()  # truncating to the state below forgets the hashes of dropped chunks
         for name, arr in self._arrays.items():
@@ -365,8 +366,8 @@ class RaggedShardWriter:
         self._tail = self._read_tail()
         self._drop_orphans()
         self._done = set()
-        for part in self.state.parts or []:
-            t = pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, part)), columns=["done_key"])
+        for raw in self.loc.read_many([(self.shard, WRITING, p) for p in self.state.parts or []]):
+            t = pq.read_table(io.BytesIO(raw), columns=["done_key"])  # type: ignore[arg-type]
             self._done.update(int(x) for x in t.column("done_key").to_pylist())
         self._done.update(int(s[0]) for s in self.state.skipped or [])
 
@@ -509,7 +510,8 @@ class RaggedShardWriter:
             for arr in self._arrays.values():
                 arr.resize((st.rows_in_zarr + st.tail_rows, *arr.shape[1:]))
             _write_concurrently({name: (arr, st.rows_in_zarr, self._tail[name]) for name, arr in self._arrays.items()})
-        tables = [pq.read_table(io.BytesIO(self.loc.read_bytes(self.shard, WRITING, p))) for p in st.parts or []]
+        tables = [pq.read_table(io.BytesIO(raw))  # type: ignore[arg-type]
+                  for raw in self.loc.read_many([(self.shard, WRITING, p) for p in st.parts or []])]
         table = pa.concat_tables(tables) if tables else self.row_schema.empty_table()
         offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
         np.cumsum(np.asarray(table.column(self.count_column).to_numpy(zero_copy_only=False), dtype=np.int64), out=offsets[1:])

@@ -238,21 +238,29 @@ def _chunk_pieces(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int
 
 
 def _write_concurrently(writes: dict[str, tuple[zarr.Array, int, np.ndarray]]) -> None:
-    """arr[start:start+len(data)] = data for every field at once: one event-loop gather, so the chunks of all
-    fields are encoded and compressed concurrently (Blosc releases the GIL) instead of field after field. Each
-    chunk is its own write: zarr takes a value of exactly one chunk's shape as the chunk itself, where a slab
-    spanning several chunks is copied chunk by chunk into fresh fill-value buffers first."""
+    """arr[start:start+len(data)] = data for every field at once, growing each array first where needed: one
+    event-loop gather, so the fields' metadata and chunks are written concurrently (Blosc releases the GIL; on
+    object storage the round trips overlap) instead of field after field. Each chunk is its own write: zarr takes
+    a value of exactly one chunk's shape as the chunk itself, where a slab spanning several chunks is copied chunk
+    by chunk into fresh fill-value buffers first."""
     from zarr.core.sync import sync
 
     if not CONCURRENT_FIELD_WRITES:
         for arr, start, data in writes.values():
+            if start + len(data) > arr.shape[0]:
+                arr.resize((start + len(data), *arr.shape[1:]))
             arr[start : start + len(data)] = data
         return
 
+    async def one_field(arr: zarr.Array, start: int, data: np.ndarray) -> None:
+        a = arr._async_array
+        if start + len(data) > a.shape[0]:
+            await a.resize((start + len(data), *a.shape[1:]))  # metadata first: writes are checked against it
+        await asyncio.gather(*(a.setitem(slice(lo, hi), data[lo - start : hi - start])
+                               for lo, hi in _chunk_pieces(start, start + len(data), a.chunks[0])))
+
     async def all_fields() -> None:
-        await asyncio.gather(*(arr._async_array.setitem(slice(a, b), data[a - start : b - start])
-                               for arr, start, data in writes.values()
-                               for a, b in _chunk_pieces(start, start + len(data), arr.chunks[0])))
+        await asyncio.gather(*(one_field(arr, start, data) for arr, start, data in writes.values()))
 
     sync(all_fields())
 
@@ -457,29 +465,29 @@ class RaggedShardWriter:
         n_full = (total // self.chunk_rows) * self.chunk_rows
         if n_full:
             start = st.rows_in_zarr
-            for arr in self._arrays.values():
-                arr.resize((start + n_full, *arr.shape[1:]))
             _write_concurrently({name: (arr, start, rows[name][:n_full]) for name, arr in self._arrays.items()})
         gen = st.gen + 1
         tail = {k: v[n_full:] for k, v in rows.items()}
+        files: dict[str, bytes] = {}  # this commit's side files, written together before the state that names them
         if total - n_full:
             buf = io.BytesIO()
             np.savez(buf, **tail)
-            self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, f"tail-{gen}.npz")
+            files[f"tail-{gen}.npz"] = buf.getvalue()
         parts = list(st.parts or [])
         if self._buf_rows:
             table = pa.Table.from_pylist(self._buf_rows, schema=self.row_schema)
             buf = io.BytesIO()
             pq.write_table(table, buf)
             part = f"rows-{gen:06d}.parquet"
-            self.loc.write_bytes(buf.getvalue(), self.shard, WRITING, part)
+            files[part] = buf.getvalue()
             parts.append(part)
         hash_parts = list(st.hash_parts or [])
         fresh = {k: self._hashes[k] for k in self._unsaved if _is_chunk(k) and k in self._hashes}
         if fresh:
             name = f"hashes-{gen:06d}.json"
-            self.loc.write_json(fresh, self.shard, WRITING, name)
+            files[name] = (json.dumps(fresh, indent=1) + "\n").encode("utf-8")
             hash_parts.append(name)
+        self.loc.write_many({(self.shard, WRITING, name): data for name, data in files.items()})
         new = _State(
             gen=gen,
             rows_in_zarr=st.rows_in_zarr + n_full,
@@ -497,8 +505,7 @@ class RaggedShardWriter:
         self.state, self._tail = new, tail
         self._buf_arrays = {k: [] for k in self.fields}
         self._buf_rows, self._buf_skips, self._buf_n = [], [], 0
-        if self.loc.exists(self.shard, WRITING, old_tail):
-            self.loc.remove(self.shard, WRITING, old_tail)
+        self.loc.remove(self.shard, WRITING, old_tail)  # absent when the last commit left no tail
 
     def close(self, extra_entry: dict[str, Any] | None = None) -> dict[str, Any]:
         """Finish the shard: flush the tail, write seq_offsets and sequences.parquet, digest, publish."""
@@ -507,8 +514,6 @@ class RaggedShardWriter:
         self.commit()
         st = self.state
         if st.tail_rows:
-            for arr in self._arrays.values():
-                arr.resize((st.rows_in_zarr + st.tail_rows, *arr.shape[1:]))
             _write_concurrently({name: (arr, st.rows_in_zarr, self._tail[name]) for name, arr in self._arrays.items()})
         tables = [pq.read_table(io.BytesIO(raw))  # type: ignore[arg-type]
                   for raw in self.loc.read_many([(self.shard, WRITING, p) for p in st.parts or []])]

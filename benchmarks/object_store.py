@@ -1,10 +1,13 @@
-"""Reading a shard's per-commit parts from object storage: sequential GETs (the baseline) vs `Location.read_many`.
+"""The teacher store on object storage: round trips, not bandwidth, are what cost there.
 
-    python benchmarks/store_parts.py [--parts 300] [--latency-ms 30]
+    python benchmarks/object_store.py [--parts 300] [--latency-ms 30] [--writer-tokens 300000]
 
 A moto S3 server on loopback stands in for the object store; `--latency-ms` is added to every S3 request on the
 client side (as between a compute node and a bucket), since loopback has none. Needs the test extras (moto, s3fs).
-Prints seconds for each way and the ratio.
+1. Reading a shard's per-commit parts (what resuming and closing a shard do): one GET after another (the baseline)
+   vs `Location.read_many`; seconds each and the ratio.
+2. The store writer (thread sink, synthetic K=128 top-k, 65,536-token commits) on the bucket with no added latency
+   (the baseline: moto's own speed) and with it; tokens/s each and the ratio.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import time
 
 
@@ -22,6 +26,7 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=300)
     ap.add_argument("--bytes", type=int, default=20_000, help="size of each part")
     ap.add_argument("--latency-ms", type=float, default=30.0)
+    ap.add_argument("--writer-tokens", type=int, default=300_000)
     args = ap.parse_args()
 
     import boto3
@@ -47,9 +52,27 @@ def main() -> None:
 
     real_call = s3fs.S3FileSystem._call_s3
 
+    latency = [args.latency_ms / 1e3]
+
     async def with_latency(self, method, *a, **k):
-        await asyncio.sleep(args.latency_ms / 1e3)
+        await asyncio.sleep(latency[0])
         return await real_call(self, method, *a, **k)
+
+    def write_store(name: str) -> float:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from precompute import synthetic_results
+
+        from cdm.precompute.sink import ThreadSink
+        from cdm.storage import TeacherStoreWriter
+
+        seqs, items, results, tokens = synthetic_results(args.writer_tokens, k=128)
+        sink = ThreadSink(TeacherStoreWriter(url=f"s3://cdm-bench/{name}", key="bench", manifest={}, k=128,
+                                             vocab_size=49152, storage_options=loc.storage_options), "bench")
+        t = time.perf_counter()
+        for i in range(0, len(seqs), 8):
+            sink.put(("add", [(j, items[j]) for j in range(i, min(i + 8, len(seqs)))], results[i : i + 8]))
+        sink.close()
+        return tokens / (time.perf_counter() - t)
 
     s3fs.S3FileSystem._call_s3 = with_latency
     try:
@@ -61,11 +84,17 @@ def main() -> None:
         got = list(loc.read_many(names))
         batched = time.perf_counter() - t
         assert len(got) == args.parts
+        latency[0] = 0.0
+        writer_fast = write_store("no-latency")
+        latency[0] = args.latency_ms / 1e3
+        writer_slow = write_store("latency")
     finally:
         s3fs.S3FileSystem._call_s3 = real_call
         server.stop()
     print(f"{args.parts} parts of {args.bytes} B, {args.latency_ms:g} ms per request: sequential {sequential:.2f} s, "
           f"read_many {batched:.2f} s ({sequential / batched:.1f}x)")
+    print(f"store writer, {args.writer_tokens} tokens: no added latency {writer_fast:,.0f} tok/s, "
+          f"{args.latency_ms:g} ms per request {writer_slow:,.0f} tok/s ({writer_slow / writer_fast:.2f} of it)")
 
 
 if __name__ == "__main__":

@@ -376,12 +376,13 @@ def test_one_pass_validation_equals_the_slow_scans(seed, n, k, poison):
 
 
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint16", "uint32", "uint64"]),
+@given(seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+                                                              ">i4", ">i8", "<i4", ">u4"]),
        hi=st.sampled_from([0, 5, 1000, 2**31 - 1]))
 def test_ids_in_range_equals_min_max(seed, dtype, hi):
     from cdm.storage.topk_codec import ids_in_range
 
-    info = np.iinfo(dtype)
+    info = np.iinfo(np.dtype(dtype).newbyteorder("="))
     rng = np.random.default_rng(seed)
     ids = rng.integers(max(info.min, -2000), min(info.max, 2000), size=(3, 4), endpoint=True).astype(dtype)
     if rng.random() < 0.3:
@@ -422,3 +423,17 @@ def test_quantize_equals_the_float64_definition_bit_for_bit(bits):
     got = codec.quantize(lp)
     assert got.dtype == np.uint32
     np.testing.assert_array_equal(got.astype(np.int64), quantize_reference(codec, lp))
+
+
+def test_quantize_refuses_a_positive_log_prob_beside_a_nan():
+    with pytest.raises(ValueError, match="row 0 column 0 is 5.0 > 0"):
+        get_codec("quant").quantize(np.array([[5.0, np.nan]], np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_big_endian_ids_are_range_checked_by_value(name):
+    lp = np.array([[-0.1, -2.0]], np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        get_codec(name).encode(np.array([[5, -256]], ">i4"), lp)
+    got = get_codec(name).decode(get_codec(name).encode(np.array([[5, 1]], ">i4"), lp))[0]
+    np.testing.assert_array_equal(got, [[5, 1]])

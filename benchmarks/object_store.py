@@ -8,6 +8,8 @@ client side (as between a compute node and a bucket), since loopback has none. N
    vs `Location.read_many`; seconds each and the ratio.
 2. The store writer (thread sink, synthetic K=128 top-k, 65,536-token commits) on the bucket with no added latency
    (the baseline: moto's own speed) and with it; tokens/s each and the ratio.
+3. Reading that store back in ranges of `--read-rows` rows, the training loader's access pattern: the fields one
+   after another (the baseline) vs `RaggedStoreReader.fields_rows` (all fields in one gather); seconds each.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=20_000, help="size of each part")
     ap.add_argument("--latency-ms", type=float, default=30.0)
     ap.add_argument("--writer-tokens", type=int, default=300_000)
+    ap.add_argument("--read-rows", type=int, default=8192)
     args = ap.parse_args()
 
     import boto3
@@ -88,6 +91,19 @@ def main() -> None:
         writer_fast = write_store("no-latency")
         latency[0] = args.latency_ms / 1e3
         writer_slow = write_store("latency")
+        from cdm.storage import TeacherStore
+
+        reader = TeacherStore("s3://cdm-bench/latency", storage_options=loc.storage_options).reader
+        names, n = reader.field_names, int(reader.offsets(0)[-1])
+        ranges = [(a, min(a + args.read_rows, n)) for a in range(0, n, args.read_rows)]
+        reader.fields_rows(0, names, 0, 1)  # open the handles before the clock
+        t = time.perf_counter()
+        one_by_one = [{f: reader._arrays(0)[f][a:b] for f in names} for a, b in ranges]
+        fields_sequential = time.perf_counter() - t
+        t = time.perf_counter()
+        together = [reader.fields_rows(0, names, a, b) for a, b in ranges]
+        fields_gathered = time.perf_counter() - t
+        assert all((x[f] == y[f]).all() for x, y in zip(one_by_one, together) for f in names)
     finally:
         s3fs.S3FileSystem._call_s3 = real_call
         server.stop()
@@ -95,6 +111,8 @@ def main() -> None:
           f"read_many {batched:.2f} s ({sequential / batched:.1f}x)")
     print(f"store writer, {args.writer_tokens} tokens: no added latency {writer_fast:,.0f} tok/s, "
           f"{args.latency_ms:g} ms per request {writer_slow:,.0f} tok/s ({writer_slow / writer_fast:.2f} of it)")
+    print(f"reading it back, {len(ranges)} ranges of {args.read_rows} rows x {len(names)} fields: one field after another "
+          f"{fields_sequential:.2f} s, fields_rows {fields_gathered:.2f} s ({fields_sequential / fields_gathered:.1f}x)")
 
 
 if __name__ == "__main__":

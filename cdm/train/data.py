@@ -429,7 +429,7 @@ def _read_range(reader: RaggedStoreReader, start: int, stop: int, names: list[st
         j_end = min(table.num_rows, j + (stop - i))
         off = reader.offsets(s)
         a, b = int(off[j]), int(off[j_end])
-        arrays = {n: reader.field_rows(s, n, a, b) for n in names}
+        arrays = reader.fields_rows(s, names, a, b)
         rows = table.slice(j, j_end - j).select(columns).to_pylist()
         for q in range(j, j_end):
             lo, hi = int(off[q]) - a, int(off[q + 1]) - a

@@ -498,3 +498,21 @@ def test_fields_rows_reads_what_each_field_holds(tmp_path):
         assert list(got) == reader.field_names
         for name in reader.field_names:
             np.testing.assert_array_equal(got[name], g[name][a:b])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), max_run=st.integers(1, 9))
+def test_range_reads_equal_sequence_by_sequence_reads(tmp_path_factory, seed, max_run):
+    """`sequences(indices)` (runs read as ranges, across shard boundaries, with gaps and repeats) and iteration give
+    exactly what `store[i]` gives."""
+    rng = np.random.default_rng(seed)
+    url = str(tmp_path_factory.mktemp("store") / "s")
+    write_store(url, [random_sequence(rng, i, n=int(rng.integers(1, 30))) for i in range(17)], num_shards=3, chunk_rows=16)
+    store = TeacherStore(url)
+    indices = [int(i) for i in rng.integers(0, len(store), size=25)] + list(range(4, 12))
+    got = list(store.sequences(indices, max_run=max_run))
+    assert len(got) == len(indices)
+    for i, s in zip(indices, got):
+        assert_sequences_equal(store[i], s, values_atol=0.0)
+    for i, s in enumerate(store):
+        assert_sequences_equal(store[i], s, values_atol=0.0)

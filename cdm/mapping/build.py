@@ -294,8 +294,7 @@ def _init_worker(store_url: str, student_path: str, opts: BuildOptions, teacher_
 def _map_range(indices: list[int]) -> tuple[list[MapSequence], Diagnostics, list[tuple[int, str]]]:
     store, opts = _W["store"], _W["opts"]
     out, diag, skipped = [], Diagnostics(), []
-    for i in indices:
-        t = store[i]
+    for i, t in zip(indices, store.sequences(indices)):  # consecutive indices are read as ranges
         try:
             seq = map_sequence(t, i, _W["student"], opts, _W["tcv"], _W["scv"])
         except ValueError as e:

@@ -672,6 +672,29 @@ class RaggedStoreReader:
 
         return {n: np.asarray(v) for n, v in zip(names, sync(all_fields()))}
 
+    def read_range(self, start: int, stop: int, names: list[str] | None = None,
+                   columns: list[str] | None = None) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        """Sequences [start, stop) as (arrays, row) pairs, reading each field once per shard crossed: a chunk is
+        fetched and decompressed once for all the sequences in it, not once per sequence. The arrays of one range
+        are views into shared buffers."""
+        names = list(names or self.field_names)
+        out: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
+        i = start
+        while i < stop:
+            s, j = self.locate(i)
+            table = self.table(s)
+            j_end = min(table.num_rows, j + (stop - i))
+            off = self.offsets(s)
+            a, b = int(off[j]), int(off[j_end])
+            arrays = self.fields_rows(s, names, a, b)
+            part = table.slice(j, j_end - j)
+            rows = (part.select(columns) if columns is not None else part).to_pylist()
+            for q in range(j, j_end):
+                lo, hi = int(off[q]) - a, int(off[q + 1]) - a
+                out.append(({n: arrays[n][lo:hi] for n in names}, rows[q - j]))
+            i += j_end - j
+        return out
+
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self)))
 

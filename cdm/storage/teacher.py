@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -311,8 +311,9 @@ class TeacherStore:
         return len(self._r)
 
     def __getitem__(self, i: int) -> TeacherSequence:
-        row = self._r.row(i)
-        arr = self._r.arrays(i)
+        return self._sequence(self._r.row(i), self._r.arrays(i))
+
+    def _sequence(self, row: dict[str, Any], arr: dict[str, np.ndarray]) -> TeacherSequence:
         ids, lps = self.codec.decode({k: arr[k] for k in self._codec_fields})
         spans = np.asarray(row["response_spans"] or [], dtype=np.int32).reshape(-1, 2)
         return TeacherSequence(
@@ -329,9 +330,24 @@ class TeacherStore:
             entropy=arr["entropy"],
         )
 
+    def read_range(self, start: int, stop: int) -> list[TeacherSequence]:
+        """Sequences [start, stop), each field read once per shard crossed (see `RaggedStoreReader.read_range`):
+        for whole-store passes, where reading sequence by sequence decompresses every chunk once per sequence."""
+        return [self._sequence(row, arr) for arr, row in self._r.read_range(start, stop)]
+
+    def sequences(self, indices: Iterable[int], max_run: int = 256) -> Iterator[TeacherSequence]:
+        """The given sequences in the given order; runs of consecutive indices (up to `max_run`) are read as ranges."""
+        run: list[int] = []
+        for i in indices:
+            if run and (i != run[-1] + 1 or len(run) >= max_run):
+                yield from self.read_range(run[0], run[-1] + 1)
+                run = []
+            run.append(int(i))
+        if run:
+            yield from self.read_range(run[0], run[-1] + 1)
+
     def __iter__(self) -> Iterator[TeacherSequence]:
-        for i in range(len(self)):
-            yield self[i]
+        return self.sequences(range(len(self)))
 
     def rows(self, i: int) -> dict[str, Any]:
         """The Parquet row of sequence i (text, ids, flags) without reading token arrays."""

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cdm.mapping.store import MapStore
-from cdm.storage.ragged import RaggedStoreReader, StoreError
+from cdm.storage.ragged import StoreError
 from cdm.storage.teacher import TeacherStore
 
 IGNORE_INDEX = -100
@@ -419,25 +419,6 @@ def collate(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 8,
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _read_range(reader: RaggedStoreReader, start: int, stop: int, names: list[str], columns: list[str]) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
-    """Sequences [start, stop) of a ragged store with one slice per field and shard: (arrays, row) each."""
-    out: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
-    i = start
-    while i < stop:
-        s, j = reader.locate(i)
-        table = reader.table(s)
-        j_end = min(table.num_rows, j + (stop - i))
-        off = reader.offsets(s)
-        a, b = int(off[j]), int(off[j_end])
-        arrays = reader.fields_rows(s, names, a, b)
-        rows = table.slice(j, j_end - j).select(columns).to_pylist()
-        for q in range(j, j_end):
-            lo, hi = int(off[q]) - a, int(off[q + 1]) - a
-            out.append(({n: arrays[n][lo:hi] for n in names}, rows[q - j]))
-        i += j_end - j
-    return out
-
-
 class _TeacherReader:
     """Contiguous-range reads of a teacher store, with its codec decoded once per range."""
 
@@ -456,7 +437,7 @@ class _TeacherReader:
             (int(i), int(i) + 1) for i in want]
         wanted = set(int(i) for i in want)
         for a, b in ranges:
-            for off, (arrays, row) in enumerate(_read_range(self.store.reader, a, b, self.names, self.columns)):
+            for off, (arrays, row) in enumerate(self.store.reader.read_range(a, b, self.names, self.columns)):
                 gi = a + off
                 if gi not in wanted:
                     continue
@@ -520,7 +501,7 @@ class Sources:
             return {}
         lo, hi = int(indices.min()), int(indices.max()) + 1
         wanted = set(indices.tolist())
-        maps = [(lo + o, rec) for o, rec in enumerate(_read_range(self.map.reader, lo, hi, _MAP_FIELDS,
+        maps = [(lo + o, rec) for o, rec in enumerate(self.map.reader.read_range(lo, hi, _MAP_FIELDS,
                                                                      ["seq_id", "teacher_index", "text_sha256"]))
                 if lo + o in wanted]
         t_idx = np.array([int(row["teacher_index"]) for _, (_, row) in maps], dtype=np.int64)

@@ -46,10 +46,11 @@ def test_map_store_round_trip(tmp_path):
     w.close()
     store = MapStore(url, check="digest")
     assert len(store) == 7
-    for a, b in zip(seqs, store):
-        assert a.seq_id == b.seq_id and a.teacher_index == b.teacher_index
-        for f in ("student_ids", "student_spans", "teacher_row", "align_kind", "loss_mask"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    for i, (a, b) in enumerate(zip(seqs, store)):  # iteration reads ranges; store[i] one sequence
+        for got in (b, store[i]):
+            assert a.seq_id == got.seq_id and a.teacher_index == got.teacher_index
+            for f in ("student_ids", "student_spans", "teacher_row", "align_kind", "loss_mask"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(got, f))
     v = store.vocab
     np.testing.assert_array_equal(v.em_t2s, maps.em_t2s)
     np.testing.assert_array_equal(v.fuzzy_s2t.indices, maps.fuzzy_s2t.indices)

@@ -224,19 +224,22 @@ class MapStore:
         return len(self._r)
 
     def __getitem__(self, i: int) -> MapSequence:
-        row = self._r.row(i)
-        a = self._r.arrays(i)
+        return self._sequence(self._r.row(i), self._r.arrays(i))
+
+    @staticmethod
+    def _sequence(row: dict[str, Any], arrays: dict[str, Any]) -> MapSequence:
         return MapSequence(
             seq_id=row["seq_id"],
             teacher_index=int(row["teacher_index"]),
             text_sha256=row["text_sha256"],
             n_teacher_tokens=int(row["n_teacher_tokens"]),
-            **a,
+            **arrays,
         )
 
     def __iter__(self) -> Iterator[MapSequence]:
-        for i in range(len(self)):
-            yield self[i]
+        for a in range(0, len(self), 256):  # ranges: a chunk is decompressed once, not once per sequence
+            for arrays, row in self._r.read_range(a, min(a + 256, len(self))):
+                yield self._sequence(row, arrays)
 
     def check_pair(self, teacher_manifest: dict[str, Any], student_tokenizer_hash: str | None = None) -> None:
         """Refuse a map that was built from another teacher store or for another student tokenizer."""

@@ -469,7 +469,7 @@ def test_writer_names_the_sequence_of_bad_top_k_rows(tmp_path):
 def test_read_many_keeps_order_across_batches_and_reports_missing_files(tmp_path, where):
     from cdm.storage.fs import Location
 
-    loc = Location(str(tmp_path / "d") if where == "local" else f"memory://read-many-{os.getpid()}")
+    loc = Location(str(tmp_path / "d[1]") if where == "local" else f"memory://read-many-{os.getpid()}[1]")  # no globbing
     names = [f"f{i:03d}" for i in range(11)]
     for i, n in enumerate(names):
         loc.write_bytes(bytes([i]) * (i + 1), "sub", n)
@@ -516,3 +516,24 @@ def test_range_reads_equal_sequence_by_sequence_reads(tmp_path_factory, seed, ma
         assert_sequences_equal(store[i], s, values_atol=0.0)
     for i, s in enumerate(store):
         assert_sequences_equal(store[i], s, values_atol=0.0)
+
+
+def test_iterated_sequences_own_their_arrays_and_runs_are_bounded_by_rows(tmp_path, monkeypatch):
+    """A sequence kept from iteration holds no view into the range it was read with, and a run stops at about
+    `max_rows` tokens (what one range read holds in memory)."""
+    from cdm.storage.ragged import RaggedStoreReader
+
+    rng = np.random.default_rng(10)
+    url = str(tmp_path / "s")
+    write_store(url, [random_sequence(rng, i, n=20) for i in range(12)], chunk_rows=16)
+    store = TeacherStore(url)
+    for s in store:
+        for name in ("token_ids", "char_spans", "logsumexp", "entropy", "topk_ids", "topk_logprobs"):
+            a = getattr(s, name)
+            assert a.base is None or a.base.nbytes <= a.nbytes, name
+    ranges: list[tuple[int, int]] = []
+    real = RaggedStoreReader.read_range
+    monkeypatch.setattr(RaggedStoreReader, "read_range",
+                        lambda self, a, b, *r, **k: ranges.append((a, b)) or real(self, a, b, *r, **k))
+    assert len(list(store.sequences(range(12), max_rows=50))) == 12
+    assert ranges == [(0, 3), (3, 6), (6, 9), (9, 12)]  # 20-token sequences: a run closes once it holds >= 50 rows

@@ -39,14 +39,12 @@ class Location:
         """The bytes of many files, in order, fetched `batch` at a time and concurrently within a batch where the
         filesystem is asynchronous (s3, gcs, http: one round trip per file would otherwise dominate resuming or
         closing a shard of thousands of commits); memory holds one batch. With `missing_ok`, a file that cannot
-        be read gives None instead of raising."""
+        be read gives None instead of raising. (`cat_ranges`, not `cat`: `cat` expands glob characters such as
+        `[` in a path.)"""
         for i in range(0, len(paths), max(1, batch)):
             full = [self.path(*parts) for parts in paths[i : i + batch]]
-            got = self.fs.cat(full, on_error="return" if missing_ok else "raise")
-            if not isinstance(got, dict):  # fsspec returns bare bytes for one path without globs
-                got = {full[0]: got}
-            for p in full:
-                v = got.get(p, got.get(self.fs._strip_protocol(p)))
+            got = self.fs.cat_ranges(full, [None] * len(full), [None] * len(full), on_error="return")
+            for p, v in zip(full, got):
                 if isinstance(v, BaseException) or v is None:
                     if not missing_ok:
                         raise v if isinstance(v, BaseException) else FileNotFoundError(p)

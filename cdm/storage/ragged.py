@@ -672,6 +672,12 @@ class RaggedStoreReader:
 
         return {n: np.asarray(v) for n, v in zip(names, sync(all_fields()))}
 
+    def n_rows(self, i: int) -> int:
+        """Token rows of sequence i."""
+        s, j = self.locate(i)
+        off = self.offsets(s)
+        return int(off[j + 1] - off[j])
+
     def read_range(self, start: int, stop: int, names: list[str] | None = None,
                    columns: list[str] | None = None) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
         """Sequences [start, stop) as (arrays, row) pairs, reading each field once per shard crossed: a chunk is

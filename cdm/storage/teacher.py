@@ -330,19 +330,26 @@ class TeacherStore:
             entropy=arr["entropy"],
         )
 
-    def read_range(self, start: int, stop: int) -> list[TeacherSequence]:
+    def read_range(self, start: int, stop: int) -> Iterator[TeacherSequence]:
         """Sequences [start, stop), each field read once per shard crossed (see `RaggedStoreReader.read_range`):
-        for whole-store passes, where reading sequence by sequence decompresses every chunk once per sequence."""
-        return [self._sequence(row, arr) for arr, row in self._r.read_range(start, stop)]
+        for whole-store passes, where reading sequence by sequence decompresses every chunk once per sequence.
+        Sequences are decoded one at a time as they are taken; each owns its arrays (decoding copies the top-k,
+        the other fields are copied here), so a kept sequence does not pin the range's buffers."""
+        for arr, row in self._r.read_range(start, stop):
+            yield self._sequence(row, {k: v if k in self._codec_fields else v.copy() for k, v in arr.items()})
 
-    def sequences(self, indices: Iterable[int], max_run: int = 256) -> Iterator[TeacherSequence]:
-        """The given sequences in the given order; runs of consecutive indices (up to `max_run`) are read as ranges."""
+    def sequences(self, indices: Iterable[int], max_run: int = 256, max_rows: int = 32768) -> Iterator[TeacherSequence]:
+        """The given sequences in the given order; runs of consecutive indices are read as ranges of up to
+        `max_run` sequences and about `max_rows` tokens (what one range holds in memory, encoded)."""
         run: list[int] = []
+        rows = 0
         for i in indices:
-            if run and (i != run[-1] + 1 or len(run) >= max_run):
+            i = int(i)
+            if run and (i != run[-1] + 1 or len(run) >= max_run or rows >= max_rows):
                 yield from self.read_range(run[0], run[-1] + 1)
-                run = []
-            run.append(int(i))
+                run, rows = [], 0
+            run.append(i)
+            rows += self._r.n_rows(i)
         if run:
             yield from self.read_range(run[0], run[-1] + 1)
 

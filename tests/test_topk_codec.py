@@ -437,3 +437,25 @@ def test_big_endian_ids_are_range_checked_by_value(name):
         get_codec(name).encode(np.array([[5, -256]], ">i4"), lp)
     got = get_codec(name).decode(get_codec(name).encode(np.array([[5, 1]], ">i4"), lp))[0]
     np.testing.assert_array_equal(got, [[5, 1]])
+
+
+def test_lossless_decode_steps_invert_the_encoder_on_every_key_with_and_without_torch(monkeypatch):
+    """Every uint16 key (all float16 bit patterns, NaNs aside) round-trips through the xor inverse; the torch
+    cumsum / float16 -> float32 path equals numpy's, on rows whose running sums wrap modulo 2**16."""
+    import cdm.storage.topk_codec as tc
+
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    every = every[~np.isnan(every)]
+    keys = tc._f16_keys(every.reshape(-1, 1))
+    np.testing.assert_array_equal(tc._f16_from_keys(keys).view(np.uint16).ravel(), every.view(np.uint16))
+    rng = np.random.default_rng(12)
+    d = rng.integers(0, 2**16, size=(300, 64), dtype=np.uint32).astype(np.uint16)
+    h = every[rng.integers(0, len(every), size=(300, 64))]
+    with_torch = (tc._undo_row_deltas_u16(d), tc._f16_to_f32(h))
+    monkeypatch.setattr(tc, "_torch", lambda: None)
+    without = (tc._undo_row_deltas_u16(d), tc._f16_to_f32(h))
+    expected = (d[:, :1].astype(np.int64) - np.cumsum(d[:, 1:].astype(np.int64), axis=1)) % 2**16
+    np.testing.assert_array_equal(with_torch[0][:, 1:].astype(np.int64), expected)
+    np.testing.assert_array_equal(with_torch[0], without[0])
+    np.testing.assert_array_equal(with_torch[1].view(np.uint32), without[1].view(np.uint32))
+    np.testing.assert_array_equal(with_torch[0][:, 0], d[:, 0])

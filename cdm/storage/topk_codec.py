@@ -232,8 +232,34 @@ def _f16_keys(lp: np.ndarray) -> np.ndarray:
 
 
 def _f16_from_keys(keys: np.ndarray) -> np.ndarray:
-    bits = np.where(keys & 0x8000, keys & 0x7FFF, ~keys).astype(np.uint16)
-    return bits.view(np.float16)
+    """Inverse of `_f16_keys`: keys with the top bit set (non-negative floats) lose it, the others flip every bit
+    (one xor with a mask built from the sign of the int16 view)."""
+    k = np.ascontiguousarray(keys, dtype=np.uint16).view(np.int16)
+    mask = k >> 15  # -1 where the top bit is set, else 0
+    mask &= np.int16(0x7FFF)
+    np.invert(mask, out=mask)  # 0x8000 where the top bit is set, else 0xFFFF
+    mask ^= k
+    return mask.view(np.float16)
+
+
+def _f16_to_f32(h: np.ndarray) -> np.ndarray:
+    """float16 -> float32 (exact), through torch's vectorised conversion when importable, else numpy's."""
+    torch = _torch()
+    if torch is not None:
+        return torch.from_numpy(np.ascontiguousarray(h)).to(torch.float32).numpy()
+    return h.astype(np.float32)
+
+
+def _undo_row_deltas_u16(d: np.ndarray) -> np.ndarray:
+    """Inverse of `_row_deltas(keys, np.uint16)`: key_j = d_0 - (d_1 + ... + d_j) mod 2**16. torch's cumsum into
+    int16 (accumulated in int64, stored modulo 2**16) is ~10x numpy's row-wise uint16 cumsum."""
+    torch = _torch()
+    if torch is not None and d.size:
+        c = torch.from_numpy(np.ascontiguousarray(d, dtype=np.uint16).view(np.int16)).cumsum(1, dtype=torch.int16)
+        c = c.numpy().view(np.uint16)
+    else:
+        c = np.cumsum(d, axis=1, dtype=np.uint16)
+    return d[:, :1] * np.uint16(2) - c  # d_0 - (c_j - d_0)
 
 
 def _row_deltas(keys: np.ndarray, dtype: type) -> np.ndarray:
@@ -303,8 +329,7 @@ class LosslessTopKCodec:
     def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         a = _take(arrays, self)
         d = a["topk_values"]
-        keys = d[:, :1] - np.cumsum(d, axis=1, dtype=np.uint16) + d[:, :1]  # undo previous-minus-current mod 2**16
-        return self._ids.decode(a["topk_ids"]), _f16_from_keys(keys).astype(np.float32)
+        return self._ids.decode(a["topk_ids"]), _f16_to_f32(_f16_from_keys(_undo_row_deltas_u16(d)))
 
     def describe(self) -> dict[str, Any]:
         return {

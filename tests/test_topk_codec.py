@@ -459,3 +459,51 @@ def test_lossless_decode_steps_invert_the_encoder_on_every_key_with_and_without_
     np.testing.assert_array_equal(with_torch[0], without[0])
     np.testing.assert_array_equal(with_torch[1].view(np.uint32), without[1].view(np.uint32))
     np.testing.assert_array_equal(with_torch[0][:, 0], d[:, 0])
+
+
+def dequantize_reference(codec: QuantTopKCodec, idx: np.ndarray) -> np.ndarray:
+    """The grid's log-prob by its definition in int64/float64 (the decoder before its float32 path)."""
+    m, b, e_min = codec.rel_bits, codec.abs_bits, codec.E_MIN
+    i = np.asarray(idx).astype(np.int64)
+    a_tiny = np.minimum(i, 1 << m).astype(np.float32) * np.float32(2.0 ** (e_min - m))
+    rel_bits = (np.clip(i, 1 << m, codec._i1) + ((127 + e_min - 1) << m)) << (23 - m)
+    a_rel = rel_bits.astype(np.uint32).view(np.float32)
+    a_cap = (codec._a1 + (i - codec._i1) * 2.0**-b).astype(np.float32)
+    a = np.where(i < (1 << m), a_tiny, np.where(i < codec._i1, a_rel, a_cap))
+    return np.where(i == 2**32 - 1, np.float32(-np.inf), -a)
+
+
+@pytest.mark.parametrize("bits", [(5, 7), (2, 2), (0, 1), (8, 10), (16, 20), (3, 4), (1, 20)])
+def test_dequantize_equals_the_float64_definition_bit_for_bit(bits):
+    """Random indices over the whole uint32 range and every region edge (tiny, relative, capped, the float32
+    path's 2**24-step limit) with their neighbours, and the sentinel; then decode of a quantised row round trip."""
+    codec = QuantTopKCodec(*bits)
+    rng = np.random.default_rng(sum(bits) + 1)
+    m, i1 = codec.rel_bits, codec._i1
+    edges = np.array([0, 1, (1 << m) - 1, 1 << m, i1 - 1, i1, i1 + 1, i1 + 2**24 - 1, i1 + 2**24, i1 + 2**24 + 1,
+                      2**31, 2**32 - 2, 2**32 - 1], dtype=np.int64)
+    edges = edges[(edges >= 0) & (edges < 2**32)]
+    idx = np.concatenate([rng.integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.int64),
+                          rng.integers(0, i1 + 2**25, 300_000), edges])
+    got = codec.dequantize(idx)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), dequantize_reference(codec, idx).view(np.uint32))
+    lp = np.sort(-rng.gamma(2.0, 2.0, size=(50, 40)).astype(np.float32), axis=1)[:, ::-1].copy()
+    lp[::5, -2:] = -np.inf
+    _, dec = codec.decode(codec.encode(np.zeros(lp.shape, np.int32), lp))
+    ref = dequantize_reference(codec, codec.quantize(lp).astype(np.int64))
+    np.testing.assert_array_equal(dec.view(np.uint32), ref.view(np.uint32))
+
+
+def test_quant_running_sums_with_and_without_torch_and_wrap_detection(monkeypatch):
+    import cdm.storage.topk_codec as tc
+
+    rng = np.random.default_rng(13)
+    d = rng.integers(0, 2**26, size=(200, 32), dtype=np.uint64).astype(np.uint32)
+    d[7, 5] = 2**32 - 1  # this row's running sum passes the grid
+    with_torch = tc._rise_cumsum_u32(d)
+    monkeypatch.setattr(tc, "_torch", lambda: None)
+    np.testing.assert_array_equal(with_torch, tc._rise_cumsum_u32(d))
+    np.testing.assert_array_equal(with_torch.astype(np.int64), np.cumsum(d.astype(np.int64), axis=1) % 2**32)
+    with pytest.raises(ValueError, match="row 7 decodes past"):
+        get_codec("q5").decode({"topk_ids": np.zeros(d.shape, np.int32), "topk_values": d})

@@ -428,15 +428,38 @@ class QuantTopKCodec:
         return out
 
     def dequantize(self, idx: np.ndarray) -> np.ndarray:
-        """Log-prob (float32) of each grid index; the sentinel 2**32-1 gives -inf."""
+        """Log-prob (float32) of each grid index; the sentinel 2**32-1 gives -inf.
+
+        On uint32 indices in place, float32 where exact: the capped value a1 + (i - i1) * 2**-b is one correctly
+        rounded float32 addition of exact operands while i - i1 < 2**24; beyond, float64 then one rounding, as the
+        definition (kept in tests/test_topk_codec.py) does everywhere."""
         m, b, e_min = self.rel_bits, self.abs_bits, self.E_MIN
-        i = np.asarray(idx).astype(np.int64)
-        a_tiny = np.minimum(i, 1 << m).astype(np.float32) * np.float32(2.0 ** (e_min - m))
-        rel_bits = (np.clip(i, 1 << m, self._i1) + ((127 + e_min - 1) << m)) << (23 - m)
-        a_rel = rel_bits.astype(np.uint32).view(np.float32)
-        a_cap = (self._a1 + (i - self._i1) * 2.0**-b).astype(np.float32)
-        a = np.where(i < (1 << m), a_tiny, np.where(i < self._i1, a_rel, a_cap))
-        return np.where(i == int(_SENTINEL), np.float32(-np.inf), -a)
+        i = np.asarray(idx)
+        if i.dtype != np.uint32:
+            if i.size and (i.min() < 0 or i.max() > int(_SENTINEL)):
+                raise ValueError(f"quant grid indices must be in [0, 2**32 - 1], got [{i.min()}, {i.max()}]")
+            i = i.astype(np.uint32)
+        # relative octaves: the float32 bit pattern of a, from the clipped index (tiny and capped overwritten below)
+        t = np.clip(i, np.uint32(1 << m), np.uint32(self._i1))
+        t += np.uint32((127 + e_min - 1) << m)
+        t <<= np.uint32(23 - m)
+        out = t.view(np.float32)
+        tiny = i < np.uint32(1 << m)
+        if tiny.any():
+            np.copyto(out, np.minimum(i, np.uint32(1 << m)).astype(np.float32) * np.float32(2.0 ** (e_min - m)), where=tiny)
+        capped = i >= np.uint32(self._i1)
+        if capped.any():
+            steps = i - np.uint32(self._i1)  # wraps where not capped: those entries are not used
+            a_cap = steps.astype(np.float32)
+            a_cap *= np.float32(2.0**-b)
+            a_cap += np.float32(self._a1)
+            big = capped & (steps >= np.uint32(2**24))
+            if big.any():
+                a_cap[big] = (self._a1 + (i[big].astype(np.int64) - self._i1) * 2.0**-b).astype(np.float32)
+            np.copyto(out, a_cap, where=capped)
+        np.negative(out, out=out)
+        np.copyto(out, np.float32(-np.inf), where=i == np.uint32(_SENTINEL))
+        return out
 
     def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> dict[str, np.ndarray]:
         ids64, lp = _check_inputs(ids, logprobs)
@@ -444,9 +467,10 @@ class QuantTopKCodec:
 
     def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         a = _take(arrays, self)
-        q = np.cumsum(a["topk_values"], axis=1, dtype=np.int64)
-        if q.size and q[:, -1].max() > int(_SENTINEL):
-            r = int(np.argmax(q[:, -1] > int(_SENTINEL)))
+        q = _rise_cumsum_u32(a["topk_values"])
+        wrapped = q[:, 1:] < q[:, :-1]  # deltas are < 2**32: a running sum past the grid shows as a decrease
+        if wrapped.any():
+            r = int(np.argmax(wrapped.any(axis=1)))
             raise ValueError(f"topk_values: row {r} decodes past the quant grid (corrupt data)")
         return self._ids.decode(a["topk_ids"]), self.dequantize(q)
 
@@ -468,6 +492,16 @@ class QuantTopKCodec:
                 " (+ float32 rounding for |v| >= 2**24 steps)"
             ),
         }
+
+
+def _rise_cumsum_u32(d: np.ndarray) -> np.ndarray:
+    """Row-wise running sums of uint32 deltas modulo 2**32 (torch's cumsum into int32 accumulates in int64 and
+    stores modulo 2**32: ~10x numpy's row-wise cumsum; numpy's without torch)."""
+    torch = _torch()
+    d = np.ascontiguousarray(d, dtype=np.uint32)
+    if torch is not None and d.size:
+        return torch.from_numpy(d.view(np.int32)).cumsum(1, dtype=torch.int32).numpy().view(np.uint32)
+    return np.cumsum(d, axis=1, dtype=np.uint32)
 
 
 def _rise_deltas(q: np.ndarray) -> np.ndarray:

@@ -501,9 +501,9 @@ def test_quant_running_sums_with_and_without_torch_and_wrap_detection(monkeypatc
     rng = np.random.default_rng(13)
     d = rng.integers(0, 2**26, size=(200, 32), dtype=np.uint64).astype(np.uint32)
     d[7, 5] = 2**32 - 1  # this row's running sum passes the grid
-    with_torch = tc._rise_cumsum_u32(d)
+    with_torch = tc._wrapping_cumsum(d)
     monkeypatch.setattr(tc, "_torch", lambda: None)
-    np.testing.assert_array_equal(with_torch, tc._rise_cumsum_u32(d))
+    np.testing.assert_array_equal(with_torch, tc._wrapping_cumsum(d))
     np.testing.assert_array_equal(with_torch.astype(np.int64), np.cumsum(d.astype(np.int64), axis=1) % 2**32)
     with pytest.raises(ValueError, match="row 7 decodes past"):
         get_codec("q5").decode({"topk_ids": np.zeros(d.shape, np.int32), "topk_values": d})

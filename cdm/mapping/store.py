@@ -237,8 +237,8 @@ class MapStore:
         )
 
     def __iter__(self) -> Iterator[MapSequence]:
-        for a in range(0, len(self), 256):  # ranges: a chunk is decompressed once, not once per sequence
-            for arrays, row in self._r.read_range(a, min(a + 256, len(self))):
+        for a, b in self._r.runs(range(len(self))):  # ranges: a chunk is decompressed once, not once per sequence
+            for arrays, row in self._r.read_range(a, b):
                 yield self._sequence(row, {k: v.copy() for k, v in arrays.items()})  # not views pinning the range
 
     def check_pair(self, teacher_manifest: dict[str, Any], student_tokenizer_hash: str | None = None) -> None:

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -677,6 +677,22 @@ class RaggedStoreReader:
         s, j = self.locate(i)
         off = self.offsets(s)
         return int(off[j + 1] - off[j])
+
+    def runs(self, indices: Iterable[int], max_run: int = 256, max_rows: int = 32768) -> Iterator[tuple[int, int]]:
+        """[start, stop) ranges covering `indices` in order: consecutive indices join a run of up to `max_run`
+        sequences and about `max_rows` token rows (what one `read_range` holds in memory)."""
+        start, stop, rows = None, None, 0
+        for i in indices:
+            i = int(i)
+            if start is not None and (i != stop or stop - start >= max_run or rows >= max_rows):
+                yield start, stop
+                start = None
+            if start is None:
+                start, rows = i, 0
+            stop = i + 1
+            rows += self.n_rows(i)
+        if start is not None:
+            yield start, stop
 
     def read_range(self, start: int, stop: int, names: list[str] | None = None,
                    columns: list[str] | None = None) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:

@@ -339,19 +339,9 @@ class TeacherStore:
             yield self._sequence(row, {k: v if k in self._codec_fields else v.copy() for k, v in arr.items()})
 
     def sequences(self, indices: Iterable[int], max_run: int = 256, max_rows: int = 32768) -> Iterator[TeacherSequence]:
-        """The given sequences in the given order; runs of consecutive indices are read as ranges of up to
-        `max_run` sequences and about `max_rows` tokens (what one range holds in memory, encoded)."""
-        run: list[int] = []
-        rows = 0
-        for i in indices:
-            i = int(i)
-            if run and (i != run[-1] + 1 or len(run) >= max_run or rows >= max_rows):
-                yield from self.read_range(run[0], run[-1] + 1)
-                run, rows = [], 0
-            run.append(i)
-            rows += self._r.n_rows(i)
-        if run:
-            yield from self.read_range(run[0], run[-1] + 1)
+        """The given sequences in the given order; consecutive indices are read as ranges (`RaggedStoreReader.runs`)."""
+        for a, b in self._r.runs(indices, max_run, max_rows):
+            yield from self.read_range(a, b)
 
     def __iter__(self) -> Iterator[TeacherSequence]:
         return self.sequences(range(len(self)))

@@ -250,16 +250,22 @@ def _f16_to_f32(h: np.ndarray) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def _undo_row_deltas_u16(d: np.ndarray) -> np.ndarray:
-    """Inverse of `_row_deltas(keys, np.uint16)`: key_j = d_0 - (d_1 + ... + d_j) mod 2**16. torch's cumsum into
-    int16 (accumulated in int64, stored modulo 2**16) is ~10x numpy's row-wise uint16 cumsum."""
+def _wrapping_cumsum(d: np.ndarray) -> np.ndarray:
+    """Row-wise running sums of unsigned deltas (uint16 / uint32) modulo 2**bits, in their dtype. torch's cumsum
+    into the signed type of the same width accumulates in int64 and stores modulo 2**bits: ~10x numpy's row-wise
+    cumsum; numpy's without torch."""
     torch = _torch()
+    d = np.ascontiguousarray(d)
+    signed = {np.dtype(np.uint16): (np.int16, "int16"), np.dtype(np.uint32): (np.int32, "int32")}[d.dtype]
     if torch is not None and d.size:
-        c = torch.from_numpy(np.ascontiguousarray(d, dtype=np.uint16).view(np.int16)).cumsum(1, dtype=torch.int16)
-        c = c.numpy().view(np.uint16)
-    else:
-        c = np.cumsum(d, axis=1, dtype=np.uint16)
-    return d[:, :1] * np.uint16(2) - c  # d_0 - (c_j - d_0)
+        c = torch.from_numpy(d.view(signed[0])).cumsum(1, dtype=getattr(torch, signed[1]))
+        return c.numpy().view(d.dtype)
+    return np.cumsum(d, axis=1, dtype=d.dtype)
+
+
+def _undo_row_deltas_u16(d: np.ndarray) -> np.ndarray:
+    """Inverse of `_row_deltas(keys, np.uint16)`: key_j = d_0 - (d_1 + ... + d_j) mod 2**16."""
+    return d[:, :1] * np.uint16(2) - _wrapping_cumsum(np.asarray(d, dtype=np.uint16))  # d_0 - (c_j - d_0)
 
 
 def _row_deltas(keys: np.ndarray, dtype: type) -> np.ndarray:
@@ -467,7 +473,7 @@ class QuantTopKCodec:
 
     def decode(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         a = _take(arrays, self)
-        q = _rise_cumsum_u32(a["topk_values"])
+        q = _wrapping_cumsum(np.asarray(a["topk_values"], dtype=np.uint32))
         wrapped = q[:, 1:] < q[:, :-1]  # deltas are < 2**32: a running sum past the grid shows as a decrease
         if wrapped.any():
             r = int(np.argmax(wrapped.any(axis=1)))
@@ -492,16 +498,6 @@ class QuantTopKCodec:
                 " (+ float32 rounding for |v| >= 2**24 steps)"
             ),
         }
-
-
-def _rise_cumsum_u32(d: np.ndarray) -> np.ndarray:
-    """Row-wise running sums of uint32 deltas modulo 2**32 (torch's cumsum into int32 accumulates in int64 and
-    stores modulo 2**32: ~10x numpy's row-wise cumsum; numpy's without torch)."""
-    torch = _torch()
-    d = np.ascontiguousarray(d, dtype=np.uint32)
-    if torch is not None and d.size:
-        return torch.from_numpy(d.view(np.int32)).cumsum(1, dtype=torch.int32).numpy().view(np.uint32)
-    return np.cumsum(d, axis=1, dtype=np.uint32)
 
 
 def _rise_deltas(q: np.ndarray) -> np.ndarray:

@@ -262,9 +262,14 @@ def kernel_breakdown(model, k: int, rows: int = 4096, iters: int = 20) -> dict[s
         return a.elapsed_time(b) / iters
 
     top = logits.topk(kk, dim=-1).values[:, :1].float()
-    select = {f"select_{name}_ms": ms(lambda f=f: f(logits, kk)) for name, f in T.SELECTORS.items()}
+    # each selection at the kk it runs with: k + margin, or k for the exact-tie (Triton) ones
+    select = {f"select_{name}_ms": ms(lambda f=f, n=k if name in T.EXACT_SELECTORS else kk: f(logits, n))
+              for name, f in T.selector_candidates(logits).items()}
+    triton_chunks = {f"whole_chunk_compiled_{n}_ms": ms(lambda n=n: T._topk_chunk(logits, k, "compiled", n))
+                     for n in T.EXACT_SELECTORS if n in T.selector_candidates(logits)} or {"triton": "unavailable"}
     return {"rows": rows, "vocab": int(logits.shape[-1]), "head_matmul_ms": ms(lambda: head(h)),
-            "topk_ms": ms(lambda: logits.topk(kk, dim=-1)), **select, "chosen": T.choose_selector(logits, kk),
+            "topk_ms": ms(lambda: logits.topk(kk, dim=-1)), **select, **triton_chunks,
+            "chosen": T.choose_selector(logits, kk, k=k),
             "stats_eager_ms": ms(lambda: T._row_stats_eager(logits, top)),
             "stats_compiled_ms": ms(lambda: T.compiled_stats(logits)),
             "whole_chunk_compiled_ms": ms(lambda: T._topk_chunk(logits, k, "compiled")),
@@ -448,18 +453,20 @@ def markdown(results: dict[str, Any]) -> str:
                     lines.append(f"\ntorch.compile failed ({r['compiled_failed']}): 'compiled' ran the eager path.\n")
         lines += ["", "Per chunk of rows (CUDA events, ms): head matmul (a bare forward pays it too), top-(k+margin), "
                   "log-sum-exp + entropy eager / compiled, the whole chunk eager / compiled:", "",
-                  "| arch | rows × V | head matmul | top-k (sorted) | selection direct / blockmax16 / 32 / 64 (chosen) | stats eager "
-                  "| stats compiled | chunk eager | chunk compiled, direct | chunk compiled, chosen |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arch | rows × V | head matmul | top-k (sorted) | selection direct / blockmax16 / 32 / 64 / radix / fused / fused16 "
+                  "(chosen) | stats eager | stats compiled | chunk eager | chunk compiled, direct | chunk compiled, fused "
+                  "| chunk compiled, chosen |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch in ARCHS:
             if arch in cuda and "breakdown" in cuda[arch]:
                 b = cuda[arch]["breakdown"]
                 sel = " / ".join(f"{b.get(f'select_{n}_ms', float('nan')):.2f}" for n in
-                                 ("direct", "blockmax16", "blockmax32", "blockmax64"))
+                                 ("direct", "blockmax16", "blockmax32", "blockmax64", "radix", "blockmax_fused",
+                                  "blockmax_fused16"))
                 lines.append(f"| {arch} | {b['rows']} × {b['vocab']} | {b['head_matmul_ms']:.2f} | {b['topk_ms']:.2f} | "
                              f"{sel} ({b.get('chosen')}) | {b['stats_eager_ms']:.2f} | {b['stats_compiled_ms']:.2f} | "
                              f"{b['whole_chunk_eager_ms']:.2f} | {b.get('whole_chunk_compiled_direct_ms', float('nan')):.2f} | "
-                             f"{b['whole_chunk_compiled_ms']:.2f} |")
+                             f"{b.get('whole_chunk_compiled_blockmax_fused_ms', float('nan')):.2f} | {b['whole_chunk_compiled_ms']:.2f} |")
         lines += ["", "| arch | positions | top-1 agree bf16/fp32 | fp32 top-k recall | mean / p99 abs Δ log-prob (top-10) "
                   "| extractor ids exact vs float64 | extractor max abs err |", "|---|---|---|---|---|---|---|"]
         for arch in ARCHS:

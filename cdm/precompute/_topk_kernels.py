@@ -54,15 +54,16 @@ def radix_topk_rows(x_ptr, row_stride, vals_ptr, ids_ptr, n_cols, kk,
         tied_before += tl.sum(tied.to(tl.int32), 0)
 
 
-def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr, ids_ptr, overflow_ptr,
-                       n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr,
+def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr, ids_ptr,
+                       overflow_ptr, n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr,
                        CAP: tl.constexpr):
     """Program `row`: the row's kk largest entries, sorted by (value desc, id asc), via block maxima in one kernel.
 
     Pass 1 writes the maximum of each BLOCK-sized block to scratch; t = the kk-th largest maximum, so at least kk
-    entries are >= t and every top-kk entry is. Pass 2 compacts the entries >= t (up to CAP) into scratch; pass 3
-    keeps the top kk of them by a bitonic top-KP on (order key << 32 | ~id). A row with more than CAP candidates
-    (heavy ties at t) is flagged in `overflow` for an exact fix-up; its outputs are then unspecified but in bounds."""
+    entries are >= t and every top-kk entry is. Pass 2 compacts the entries >= t (up to CAP) into scratch, counting
+    them in `count_ptr` (zeroed by the caller); pass 3 keeps the top kk of them by a bitonic top-KP on
+    (order key << 32 | ~id). A row with more than CAP candidates (heavy ties at t) is flagged in `overflow` for an
+    exact fix-up; its outputs are then unspecified but in bounds."""
     row = tl.program_id(0).to(tl.int64)
     src = x_ptr + row * row_stride
     maxima = maxima_ptr + row * NB
@@ -78,21 +79,22 @@ def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, cand_vals_ptr, cand_ids_pt
     b = tl.arange(0, NB)
     top_maxima = tl.topk(tl.load(maxima + b, mask=b < n_blocks, other=float("-inf")), KP)  # descending
     t = tl.max(tl.where(tl.arange(0, KP) == kk - 1, top_maxima, float("-inf")), axis=0)
-    # pass 2: compact the candidates (>= t) in id order
+    # pass 2: compact the candidates (>= t); slots come from an atomic counter (candidates are a few per thousand, so
+    # this is far cheaper than a prefix sum over every tile), their order does not matter: pass 3 sorts them
     cand_vals = cand_vals_ptr + row * CAP
     cand_ids = cand_ids_ptr + row * CAP
+    counter = count_ptr + row
     offs = tl.arange(0, TB * BLOCK)
-    count = tl.full([], 0, tl.int32)
     for start in range(0, n_cols, TB * BLOCK):
         cols = start + offs
         x = tl.load(src + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         sel = (cols < n_cols) & (x >= t)
-        pos = count + tl.cumsum(sel.to(tl.int32), 0) - 1
+        pos = tl.atomic_add(counter + offs * 0, 1, mask=sel, sem="relaxed")
         keep = sel & (pos < CAP)
         tl.store(cand_vals + pos, x, mask=keep)
         tl.store(cand_ids + pos, cols, mask=keep)
-        count += tl.sum(sel.to(tl.int32), 0)
     tl.debug_barrier()
+    count = tl.atomic_add(counter, 0, sem="relaxed")  # the final count, read where the atomics were done
     # pass 3: exact top-kk of the candidates, ties by ascending id
     c = tl.arange(0, CAP)
     valid = c < tl.minimum(count, CAP)

@@ -7,7 +7,8 @@ kk-th place exactly as `topk._exact_topk` does (lowest ids win), so `topk._topk_
 - `select_radix`: the kk-th largest key digit by digit (8-bit histograms: 2 passes for bf16, 3 for fp16, 4 for
   fp32), then one pass collecting the entries above it and the lowest-id ones equal to it. Never needs a fix-up.
 - `select_blockmax_fused`: `topk.select_blockmax` in one kernel: block maxima, a threshold that at least kk entries
-  reach, the entries above it compacted, a bitonic top-k of those: two light passes over the row. A row with more
+  reach, the entries at or above it compacted (an atomic counter gives the slots), a bitonic top-k of those: two
+  light passes over the row. A row with more
   candidates than its buffer holds (heavy ties at the threshold) is flagged for the exact fix-up.
 
 Triton is optional: `usable(x)` says whether these can run on `x`; `cdm.precompute.topk` offers them to its
@@ -110,13 +111,14 @@ def select_blockmax_fused(x: torch.Tensor, kk: int, tile: int = 4096, warps: int
     nb = _next_pow2(max(n_blocks, kp))
     dev = x.device
     maxima = torch.empty(rows, nb, dtype=torch.float32, device=dev)
+    count = torch.zeros(rows, dtype=torch.int32, device=dev)
     cand_vals = torch.empty(rows, cap, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(rows, cap, dtype=torch.int32, device=dev)
     vals = torch.empty(rows, kk, dtype=x.dtype, device=dev)
     ids = torch.empty(rows, kk, dtype=torch.int64, device=dev)
     overflow = torch.empty(rows, dtype=torch.int8, device=dev)
     if rows:
-        kernel("blockmax_topk_rows")[(rows,)](x, x.stride(0), maxima, cand_vals, cand_ids, vals, ids, overflow, vocab,
-                                              kk, BLOCK=block, TB=max(1, tile // block), NB=nb, KP=kp, CAP=cap,
-                                              num_warps=warps)
+        kernel("blockmax_topk_rows")[(rows,)](x, x.stride(0), maxima, count, cand_vals, cand_ids, vals, ids, overflow,
+                                              vocab, kk, BLOCK=block, TB=max(1, tile // block), NB=nb, KP=kp,
+                                              CAP=cap, num_warps=warps)
     return vals, ids, overflow.bool()

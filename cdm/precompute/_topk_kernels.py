@@ -63,7 +63,7 @@ def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, 
     entries are >= t and every top-kk entry is. Pass 2 compacts the entries >= t (up to CAP) into scratch, counting
     them in `count_ptr` (zeroed by the caller); pass 3 keeps the top kk of them by a bitonic top-KP on
     (order key << 32 | ~id). A row with more than CAP candidates (heavy ties at t) is flagged in `overflow` for an
-    exact fix-up; its outputs are then unspecified but in bounds."""
+    exact fix-up; its outputs are then unspecified (in bounds) except the first value, the row's maximum."""
     row = tl.program_id(0).to(tl.int64)
     src = x_ptr + row * row_stride
     maxima = maxima_ptr + row * NB
@@ -108,6 +108,11 @@ def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, 
     ids = 4294967295 - (top & 4294967295)
     out = tl.arange(0, KP)
     ok = (out < kk) & (ids < n_cols)
+    vals = tl.load(src + ids, mask=ok, other=0.0)
+    # an overflowing row still reports its maximum first (the largest block maximum, a value of the row): the
+    # statistics may use it as the row's shift before the fix-up replaces the row's ids and log-probs
+    row_max = tl.max(top_maxima, axis=0).to(vals.dtype)
+    vals = tl.where((out == 0) & (count > CAP), row_max, vals)
     tl.store(ids_ptr + row * kk + out, ids, mask=ok)
-    tl.store(vals_ptr + row * kk + out, tl.load(src + ids, mask=ok, other=0.0), mask=ok)
+    tl.store(vals_ptr + row * kk + out, vals, mask=(out < kk))
     tl.store(overflow_ptr + row, (count > CAP).to(tl.int8))

@@ -180,6 +180,7 @@ EXACT_SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, tor
     "blockmax_fused": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=8),
     "blockmax_fused16": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=16),
 }
+SORTED_SELECTORS = ("blockmax_fused", "blockmax_fused16")  # already in (value desc, id asc) order
 ALL_SELECTORS = {**SELECTORS, **EXACT_SELECTORS}
 _selector_choice: dict[tuple[Any, ...], str] = {}
 
@@ -269,7 +270,8 @@ def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str |
         _drop_selector(logits, name, e)
         _selector_choice.clear()
         return _topk_chunk(logits, k, impl)
-    vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max
+    if name not in SORTED_SELECTORS:
+        vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max
     stats = compiled_stats(logits) if impl == "compiled" else None
     lse, entropy = stats if stats is not None else _row_stats_eager(logits, vals[:, :1].float())
     if fix is not None:

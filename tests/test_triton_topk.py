@@ -127,6 +127,22 @@ def _candidates(x: torch.Tensor, kk: int) -> torch.Tensor:
     return (x >= t).sum(-1)
 
 
+def test_nan_and_all_inf_rows_keep_ids_in_range_and_fail_at_resolve(monkeypatch):
+    """Bad logits must not become out-of-range ids (a device-side assert later) nor a silently stored row: the ids
+    stay in [0, V) and the log-sum-exp check refuses the chunk."""
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(6))
+    x[0, 7] = math.nan
+    x[1] = math.nan
+    x[2] = -math.inf
+    for kernel in (radix, fused):
+        _, ids, _ = kernel(x.to(DEVICE), 20)
+        assert 0 <= int(ids.min()) and int(ids.max()) < 300
+    for name in ("radix", "blockmax_fused"):
+        monkeypatch.setenv("CDM_TOPK_SELECT", name)
+        with pytest.raises(FloatingPointError, match="row 0"):
+            T.topk_stats(x.to(DEVICE), 20, impl="eager")
+
+
 @pytest.mark.parametrize("select", ["radix", "blockmax_fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunk_statistics_with_a_triton_selection(dtype, select):

@@ -113,6 +113,6 @@ def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, 
     # statistics may use it as the row's shift before the fix-up replaces the row's ids and log-probs
     row_max = tl.max(top_maxima, axis=0).to(vals.dtype)
     vals = tl.where((out == 0) & (count > CAP), row_max, vals)
-    tl.store(ids_ptr + row * kk + out, ids, mask=ok)
+    tl.store(ids_ptr + row * kk + out, tl.where(ok, ids, 0), mask=out < kk)  # in range even for a NaN row
     tl.store(vals_ptr + row * kk + out, vals, mask=(out < kk))
     tl.store(overflow_ptr + row, (count > CAP).to(tl.int8))

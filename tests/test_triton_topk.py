@@ -28,6 +28,7 @@ triton = pytest.importorskip("triton")
 from cdm.precompute import topk as T  # noqa: E402
 from cdm.precompute import triton_topk as TT  # noqa: E402
 
+from tests.test_precompute_support import text_records, tiny_teacher, tokenizer, write_jsonl  # noqa: E402,F401
 from tests.test_precompute_topk import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -270,3 +271,25 @@ def test_autotuner_drops_a_selection_that_gives_wrong_ids_and_keeps_out_of_memor
     with pytest.raises(torch.OutOfMemoryError):
         T.choose_selector(x, 21, autotune=True, k=20)
     assert T._shape_key(x, "radix") not in T._failed_selectors
+
+
+def test_precompute_writes_the_same_store_whatever_the_selection(tmp_path, monkeypatch, tiny_teacher):
+    """End to end through `cdm.precompute.run` on a tiny teacher: the store written with each Triton selection is
+    identical, array for array, to the one written with torch.topk (the selection must never show in the data)."""
+    from cdm.precompute import run
+    from tests.test_precompute_run import QUIET, by_source
+
+    monkeypatch.setenv("CDM_TOPK_EAGER", "1")  # no torch.compile here: the statistics are not what is compared
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(5, seed=8, max_chars=90))
+    stores = {}
+    for name in ("direct", "radix", "blockmax_fused"):
+        monkeypatch.setenv("CDM_TOPK_SELECT", name)
+        out = str(tmp_path / name)
+        run(str(tiny_teacher), str(data), out, top_k=6, text_field="text", batch_tokens=256, device=DEVICE, **QUIET)
+        stores[name] = by_source(out)
+    for name in ("radix", "blockmax_fused"):
+        assert sorted(stores[name]) == sorted(stores["direct"]) == list(range(5))
+        for i, a in stores["direct"].items():
+            b = stores[name][i]
+            for f in ("token_ids", "char_spans", "topk_ids", "topk_logprobs", "logsumexp", "entropy"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{name}: sequence {i} {f}")

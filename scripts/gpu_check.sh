@@ -5,7 +5,8 @@
 # google-crc32c rapidfuzz typer tqdm`), installed into a side folder; then the CUDA tests and the CUDA part of the
 # precompute benchmark run, then its store-writer part on the host CPUs; logs and results go to $OUT (or ./gpu-out).
 # Time limits (s) add up to under the device's 600 s per call: kernels 90, tests 150, CUDA benchmark 270, host
-# side 60 (the host parts are the least wanted; they are cut first).
+# side 60 (the host parts are the least wanted; they are cut first). The CUDA tests run are the top-k and pipeline ones
+# unless CDM_GPU_TEST_K says otherwise (CDM_GPU_TEST_K= runs all of tests/test_cuda.py).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -15,7 +16,7 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 # first the quickest and most wanted number: each top-k selection (torch, block maxima, the Triton kernels) per chunk
 timeout "${CDM_GPU_KERNEL_TIMEOUT:-90}" python benchmarks/topk_kernels.py --part cuda --json "$OUT/topk_kernels.json" \
     2>&1 | tee "$OUT/topk_kernels.log" | grep -v "^DEBUG"
-timeout "${CDM_GPU_TEST_TIMEOUT:-150}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py -k "${CDM_GPU_TEST_K:-}" 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
+timeout "${CDM_GPU_TEST_TIMEOUT:-150}" python -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py -k "${CDM_GPU_TEST_K-selectors or selections or pipelined or compiled_topk}" 2>&1 | tee "$OUT/test_cuda.log" | grep -v "^DEBUG"
 timeout "${CDM_GPU_BENCH_TIMEOUT:-270}" python benchmarks/precompute.py --part cuda --json "$OUT/precompute_cuda.json" \
     --md "$OUT/precompute_cuda.md" 2>&1 | tee "$OUT/precompute_cuda.log" | grep -v "^DEBUG"
 # the host side on this machine's CPUs: the store writer alone (thread vs process, a loop beside each), then data

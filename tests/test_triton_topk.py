@@ -293,3 +293,74 @@ def test_precompute_writes_the_same_store_whatever_the_selection(tmp_path, monke
             b = stores[name][i]
             for f in ("token_ids", "char_spans", "topk_ids", "topk_logprobs", "logsumexp", "entropy"):
                 np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{name}: sequence {i} {f}")
+
+
+def test_verification_ignores_nan_rows_and_catches_flag_everything_and_a_wrong_maximum(monkeypatch):
+    x = torch.randn(16, 2000, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    x[1, 5] = math.nan  # bad logits in the first chunk must not get a correct kernel dropped
+    for name in ("radix", "blockmax_fused"):
+        assert T.verify_exact_selector(x, name, 20) is None
+
+    def flag_all(x, kk):
+        vals, ids, _ = TT.select_blockmax_fused(x, kk)
+        return vals, ids, torch.ones(len(x), dtype=torch.bool, device=x.device)
+
+    monkeypatch.setitem(T.EXACT_SELECTORS, "blockmax_fused", flag_all)
+    assert T.verify_exact_selector(x, "blockmax_fused", 20) == "flags 15 of 15 rows for the exact fix-up"
+
+    def bad_first_value_in_a_flagged_row(x, kk):
+        vals, ids, _ = TT.select_blockmax_fused(x, kk)
+        fix = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        fix[4] = True
+        vals = vals.clone()
+        vals[4, 0] = vals[4, 1]
+        return vals, ids, fix
+
+    monkeypatch.setitem(T.EXACT_SELECTORS, "blockmax_fused", bad_first_value_in_a_flagged_row)
+    assert T.verify_exact_selector(x, "blockmax_fused", 20).startswith("wrong top-20 on row 4")
+
+
+def test_a_dropped_selection_is_not_used_from_the_cache(monkeypatch):
+    """Chosen and cached for one k, then dropped on the same shape for another: the next chunk chooses again."""
+    x = torch.randn(8, 2000, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    monkeypatch.setattr(T, "_time_selector", lambda fn, device, reps=3: 0.0 if fn.__defaults__[0] is
+                        T.EXACT_SELECTORS["radix"] else 1.0)  # radix "fastest"
+    assert T.choose_selector(x, 21, autotune=True, k=20) == "radix"
+    T._drop_selector(x, "radix", "simulated failure at k = 5")
+    assert T.choose_selector(x, 21, autotune=True, k=20) != "radix"
+
+
+def test_out_of_memory_in_a_chunk_is_raised_not_taken_as_a_broken_kernel(monkeypatch):
+    x = torch.randn(8, 2000, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+
+    def oom(x, kk):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(T.EXACT_SELECTORS, "blockmax_fused", oom)
+    monkeypatch.setattr(T, "choose_selector", lambda *a, **kw: "blockmax_fused")
+    with pytest.raises(torch.OutOfMemoryError):
+        T._topk_chunk(x, 5, "eager")
+    assert not T._failed_selectors
+
+
+def test_kernels_launch_inside_the_logits_device_context(monkeypatch):
+    """Triton launches on the current CUDA device; both wrappers enter `_on_device(x)` around their launch, and that
+    is `torch.cuda.device(x.device)` for a CUDA tensor (a stand-in here: no CUDA is needed to build the context)."""
+    import contextlib
+    import types
+
+    entered = []
+
+    @contextlib.contextmanager
+    def record(x):
+        entered.append(x.data_ptr())
+        yield
+
+    monkeypatch.setattr(TT, "_on_device", record)
+    x = torch.randn(4, 2000).to(DEVICE)
+    TT.select_radix(x, 5)
+    TT.select_blockmax_fused(x, 5)
+    assert entered == [x.data_ptr(), x.data_ptr()]
+    monkeypatch.undo()
+    ctx = TT._on_device(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 3)))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 3

@@ -212,6 +212,8 @@ def _drop_selector(x: torch.Tensor, name: str, error: BaseException | str) -> No
         _failed_selectors[key] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         log.warning("top-k selection %s dropped for %s %s logits of width %d (%s); not used from now on", name,
                     x.device.type, x.dtype, x.shape[-1], _failed_selectors[key].splitlines()[0])
+    for choice_key in [c for c, chosen in _selector_choice.items() if chosen == name]:
+        del _selector_choice[choice_key]  # a cached choice of it is chosen again
 
 
 def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, int], Any]]:
@@ -220,21 +222,33 @@ def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, in
     return {**SELECTORS, **{n: f for n, f in exact.items() if _shape_key(x, n) not in _failed_selectors}}
 
 
-def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = 256) -> str | None:
-    """Check an exact-tie selection against `_exact_topk` on the first `rows` rows of `x` (on its device): None
-    if it agrees on every row it did not flag for the fix-up, else what differed. The autotuner runs this once
-    per shape, so a kernel that misbehaves on this GPU (e.g. a race the interpreter cannot show) is dropped."""
+MAX_FLAGGED_SHARE = 0.125  # a selection that leaves more rows than this to the exact fix-up is not worth using
+
+
+def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = 128,
+                          reference: torch.Tensor | None = None) -> str | None:
+    """Check an exact-tie selection against `_exact_topk` (ids `reference`, computed if None) on the first `rows`
+    rows of `x`, on its device: None if it agrees, else what was wrong. Rows holding a NaN are left out (the chunk is
+    refused later anyway, and NaN != NaN). Checked: the ids of every row it did not flag for the fix-up, the first
+    value (the row's maximum) of every row, and that it flags at most MAX_FLAGGED_SHARE of the rows (flagging every
+    row would pass the id check while leaving all the work to the slow fix-up). The autotuner runs this once per
+    shape, so a kernel that misbehaves on this GPU (e.g. a race the interpreter cannot show) is dropped."""
     sample = x[:rows]
+    if reference is None:
+        reference = _exact_topk(sample.float(), k)[1]
     vals, ids, fix = EXACT_SELECTORS[name](sample, k)
     if name not in SORTED_SELECTORS:
         vals, ids = _order_ties_by_id(vals, ids)
-    _, ref_ids = _exact_topk(sample.float(), k)
-    done = torch.ones(len(sample), dtype=torch.bool, device=x.device) if fix is None else ~fix
-    bad = done & ((ids != ref_ids).any(-1) | (vals != sample.gather(1, ids.clamp(0, x.shape[-1] - 1))).any(-1))
+    usable = ~torch.isnan(sample).any(-1)
+    flagged = torch.zeros_like(usable) if fix is None else fix & usable
+    if int(flagged.sum()) > MAX_FLAGGED_SHARE * max(1, int(usable.sum())):
+        return f"flags {int(flagged.sum())} of {int(usable.sum())} rows for the exact fix-up"
+    wrong_ids = (ids != reference).any(-1) | (vals != sample.gather(1, ids.clamp(0, x.shape[-1] - 1))).any(-1)
+    bad = usable & ((~flagged & wrong_ids) | (vals[:, 0] != sample.amax(-1)))
     if bool(bad.any()):
         r = int(bad.nonzero()[0, 0])
         return (f"wrong top-{k} on row {r} of {len(sample)} (ids {ids[r, :5].tolist()}... where _exact_topk gives "
-                f"{ref_ids[r, :5].tolist()}...)")
+                f"{reference[r, :5].tolist()}...)")
     return None
 
 
@@ -255,12 +269,16 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: i
     if not (autotune if autotune is not None else x.device.type != "cpu"):
         return "direct"
     key = (str(x.device), x.dtype, x.shape[-1], kk, k)
-    if key not in _selector_choice:
+    candidates = selector_candidates(x)
+    if _selector_choice.get(key) not in candidates:
         times = {}
-        for name, f in selector_candidates(x).items():
+        reference: list[torch.Tensor] = []  # `_exact_topk` ids of the sample rows, computed once for all kernels
+        for name, f in candidates.items():
             exact = name in EXACT_SELECTORS
             try:
-                wrong = verify_exact_selector(x, name, k or kk) if exact else None
+                if exact and not reference:
+                    reference.append(_exact_topk(x[:128].float(), k or kk)[1])
+                wrong = verify_exact_selector(x, name, k or kk, 128, reference[0]) if exact else None
                 if wrong:
                     _drop_selector(x, name, wrong)
                     continue
@@ -299,8 +317,7 @@ def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str |
         forced = select is not None or os.environ.get("CDM_TOPK_SELECT")
         if not exact or forced or isinstance(e, torch.OutOfMemoryError):
             raise
-        _drop_selector(logits, name, e)
-        _selector_choice.clear()
+        _drop_selector(logits, name, e)  # also forgets it as the cached choice
         return _topk_chunk(logits, k, impl)
     if name not in SORTED_SELECTORS:
         vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max

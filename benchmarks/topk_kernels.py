@@ -158,7 +158,7 @@ def cuda_part(args) -> dict[str, Any]:
         for name, f in T.selector_candidates(x).items():
             n = args.k if name in T.EXACT_SELECTORS else kk
             try:
-                if name in T.EXACT_SELECTORS:  # against _exact_topk on the first 256 rows, as the autotuner does
+                if name in T.EXACT_SELECTORS:  # against _exact_topk on the first 128 rows, as the autotuner does
                     entry[f"{name}_wrong"] = T.verify_exact_selector(x, name, args.k)
                 entry[f"{name}_ms"] = ms(lambda f=f, n=n: f(x, n))
             except Exception as e:  # noqa: BLE001 - report and go on

@@ -245,21 +245,16 @@ def kernel_breakdown(model, k: int, rows: int = 4096, iters: int = 20) -> dict[s
     (what a bare forward pays too), top-(k + margin) selection, eager vs compiled log-sum-exp/entropy."""
     from cdm.precompute import topk as T
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from topk_kernels import cuda_ms
+
     head = model.get_output_embeddings()
     h = torch.randn(rows, head.in_features, device="cuda", dtype=head.weight.dtype)
     logits = head(h)
     kk = k + T._margin(logits.dtype, k, logits.shape[-1])
 
     def ms(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / iters
+        return cuda_ms(fn, iters)
 
     top = logits.topk(kk, dim=-1).values[:, :1].float()
     # each selection at the kk it runs with: k + margin, or k for the exact-tie (Triton) ones

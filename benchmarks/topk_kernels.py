@@ -30,6 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCABS = {"smollm2-135m": 49152, "llama-1b": 128256}
 
 
+def cuda_ms(fn, iters: int = 20) -> float:
+    """Milliseconds per call of `fn` on the current CUDA device (CUDA events, after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
 def _sass_loops(cubin: bytes, cuobjdump: str) -> list[int]:
     """Instruction count of each backward-branch loop in the kernel's SASS."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
@@ -139,17 +152,7 @@ def cuda_part(args) -> dict[str, Any]:
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": args.rows,
                            "k": args.k}
 
-    def ms(fn, iters: int = 20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / iters
-
+    ms = cuda_ms
     g = torch.Generator(device="cuda").manual_seed(0)
     for arch, vocab in VOCABS.items():
         x = (torch.randn(args.rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)

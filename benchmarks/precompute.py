@@ -448,7 +448,7 @@ def markdown(results: dict[str, Any]) -> str:
                     lines.append(f"\ntorch.compile failed ({r['compiled_failed']}): 'compiled' ran the eager path.\n")
         lines += ["", "Per chunk of rows (CUDA events, ms): head matmul (a bare forward pays it too), top-(k+margin), "
                   "log-sum-exp + entropy eager / compiled, the whole chunk eager / compiled:", "",
-                  "| arch | rows × V | head matmul | top-k (sorted) | selection direct / blockmax16 / 32 / 64 / radix / fused / fused16 "
+                  "| arch | rows × V | head matmul | top-k (sorted) | selection direct / blockmax16 / 32 / 64 / radix / fused / 16 / 4 "
                   "(chosen) | stats eager | stats compiled | chunk eager | chunk compiled, direct | chunk compiled, fused "
                   "| chunk compiled, chosen |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -457,7 +457,7 @@ def markdown(results: dict[str, Any]) -> str:
                 b = cuda[arch]["breakdown"]
                 sel = " / ".join(f"{b.get(f'select_{n}_ms', float('nan')):.2f}" for n in
                                  ("direct", "blockmax16", "blockmax32", "blockmax64", "radix", "blockmax_fused",
-                                  "blockmax_fused16"))
+                                  "blockmax_fused16", "blockmax_fused4"))
                 lines.append(f"| {arch} | {b['rows']} × {b['vocab']} | {b['head_matmul_ms']:.2f} | {b['topk_ms']:.2f} | "
                              f"{sel} ({b.get('chosen')}) | {b['stats_eager_ms']:.2f} | {b['stats_compiled_ms']:.2f} | "
                              f"{b['whole_chunk_eager_ms']:.2f} | {b.get('whole_chunk_compiled_direct_ms', float('nan')):.2f} | "

@@ -77,12 +77,12 @@ def static_part(args) -> dict[str, Any]:
     for arch, vocab in VOCABS.items():
         block = TT.fused_block_size(vocab)
         kp = max(2, TT._next_pow2(args.k))
-        cases = {"radix, 8 warps": ("radix_topk_rows", {"ROUNDS": 2, "BLOCK": 4096}, 8)}
-        for warps in (8, 16):
-            cases[f"blockmax_fused, {warps} warps"] = (
-                "blockmax_topk_rows", {"BLOCK": block, "TB": 4096 // block, "NB": TT._next_pow2(-(-vocab // block)),
-                                       "KP": kp, "CAP": max(256, TT._next_pow2(4 * args.k))}, warps)
-        for label, (name, consts, warps) in cases.items():
+        cases = {"radix, 8 warps": ("radix_topk_rows", {"ROUNDS": 2, "BLOCK": 4096}, 8, 4096)}
+        for warps, tile in ((8, 4096), (16, 4096), (4, 2048)):  # as topk.EXACT_SELECTORS runs them
+            cases[f"blockmax_fused, {warps} warps, tiles of {tile}"] = (
+                "blockmax_topk_rows", {"BLOCK": block, "TB": tile // block, "NB": TT._next_pow2(-(-vocab // block)),
+                                       "KP": kp, "CAP": max(256, TT._next_pow2(4 * args.k))}, warps, tile)
+        for label, (name, consts, warps, tile) in cases.items():
             fn = TT.kernel(name)
             sig = {a: ptr.get(a) or ("constexpr" if a in consts else "i32") for a in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
@@ -100,7 +100,7 @@ def static_part(args) -> dict[str, Any]:
             out[f"{arch} {label}"] = {"registers": int(regs.group(1)) if regs else None,
                                       "spill_bytes": int(spills.group(1)) if spills else None,
                                       "loop_instructions": loops, "passes_over_row": len(loops),
-                                      "tiles_per_pass": -(-vocab // 4096), "threads": 32 * warps}
+                                      "tiles_per_pass": -(-vocab // tile), "threads": 32 * warps}
             print(f"[static] {arch} {label}: {json.dumps(out[f'{arch} {label}'])}", flush=True)
     return out
 

@@ -146,7 +146,7 @@ def test_pipelined_cuda_backend_with_process_writer_matches_cpu(tmp_path, tiny_t
 
 
 @pytest.mark.parametrize("select", ["direct", "blockmax16", "blockmax32", "blockmax64", "radix", "blockmax_fused",
-                                    "blockmax_fused16"])
+                                    "blockmax_fused16", "blockmax_fused4"])
 def test_topk_selectors_on_cuda_match_float64(select):
     """Every exact selection the autotuner may pick, on CUDA bf16 logits with heavy ties and continuous values
     (the Triton ones compiled for this GPU; tests/test_triton_topk.py checks them in Triton's interpreter)."""
@@ -167,7 +167,7 @@ def test_topk_selectors_on_cuda_match_float64(select):
     assert chosen in T.ALL_SELECTORS
 
 
-@pytest.mark.parametrize("select", ["radix", "blockmax_fused", "blockmax_fused16"])
+@pytest.mark.parametrize("select", ["radix", "blockmax_fused", "blockmax_fused16", "blockmax_fused4"])
 @pytest.mark.parametrize("dtype,vocab,k", [(torch.float16, 50257, 64), (torch.float32, 151936, 256),
                                            (torch.bfloat16, 128256, 128)])
 def test_triton_selections_on_cuda_other_shapes(select, dtype, vocab, k):

@@ -179,8 +179,9 @@ EXACT_SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, tor
     "radix": lambda x, kk: triton_topk.select_radix(x, kk, 4096, 8),
     "blockmax_fused": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=8),
     "blockmax_fused16": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=16),
+    "blockmax_fused4": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, tile=2048, warps=4),
 }
-SORTED_SELECTORS = ("blockmax_fused", "blockmax_fused16")  # already in (value desc, id asc) order
+SORTED_SELECTORS = ("blockmax_fused", "blockmax_fused16", "blockmax_fused4")  # output in (value desc, id asc) order
 ALL_SELECTORS = {**SELECTORS, **EXACT_SELECTORS}
 _selector_choice: dict[tuple[Any, ...], str] = {}
 

@@ -5,9 +5,8 @@
 # google-crc32c rapidfuzz typer tqdm`), installed into a side folder; then the CUDA tests and the CUDA part of the
 # precompute benchmark run, then its store-writer part on the host CPUs; logs and results go to $OUT (or ./gpu-out).
 # Time limits (s) add up to under the device's 600 s per call: kernels 80, tests 190 (Triton compiles ~16 kernel
-# variants), CUDA benchmark 250, host
-# side 50 (the host parts are the least wanted; they are cut first). The CUDA tests run are the top-k and pipeline ones
-# unless CDM_GPU_TEST_K says otherwise (CDM_GPU_TEST_K= runs all of tests/test_cuda.py).
+# variants), CUDA benchmark 250, host side 50 (the least wanted part, so the one cut first). The CUDA tests run are the
+# top-k and pipeline ones unless CDM_GPU_TEST_K says otherwise (CDM_GPU_TEST_K= runs all of tests/test_cuda.py).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"

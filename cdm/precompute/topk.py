@@ -224,9 +224,10 @@ def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, in
 
 
 MAX_FLAGGED_SHARE = 0.125  # a selection that leaves more rows than this to the exact fix-up is not worth using
+VERIFY_ROWS = 128  # rows of the first chunk of a shape on which each Triton selection is checked
 
 
-def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = 128,
+def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = VERIFY_ROWS,
                           reference: torch.Tensor | None = None) -> str | None:
     """Check an exact-tie selection against `_exact_topk` (ids `reference`, computed if None) on the first `rows`
     rows of `x`, on its device: None if it agrees, else what was wrong. Rows holding a NaN are left out (the chunk is
@@ -278,8 +279,8 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: i
             exact = name in EXACT_SELECTORS
             try:
                 if exact and not reference:
-                    reference.append(_exact_topk(x[:128].float(), k or kk)[1])
-                wrong = verify_exact_selector(x, name, k or kk, 128, reference[0]) if exact else None
+                    reference.append(_exact_topk(x[:VERIFY_ROWS].float(), k or kk)[1])
+                wrong = verify_exact_selector(x, name, k or kk, VERIFY_ROWS, reference[0]) if exact else None
                 if wrong:
                     _drop_selector(x, name, wrong)
                     continue

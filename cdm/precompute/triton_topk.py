@@ -116,10 +116,10 @@ def select_blockmax_fused(x: torch.Tensor, kk: int, tile: int = 4096, warps: int
     block = block or fused_block_size(vocab)
     n_blocks = -(-vocab // block)
     if n_blocks < kk:
+        from cdm.precompute.topk import _order_ties_by_id  # here: topk imports this module
+
         vals, ids, _ = select_radix(x, kk)
-        ids, perm = ids.sort(dim=-1)  # to the fused kernel's order: value desc, equal values by id
-        vals, perm = vals.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
-        return vals, ids.gather(-1, perm), None
+        return (*_order_ties_by_id(vals, ids), None)  # the fused kernel's order: value desc, equal values by id
     kp = max(2, _next_pow2(kk))  # Triton's bitonic top-k needs two or more elements
     cap = _next_pow2(max(cap or 4 * kk, kp, 256 if cap is None else 1))
     nb = _next_pow2(max(n_blocks, kp))

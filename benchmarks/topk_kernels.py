@@ -72,16 +72,19 @@ def static_part(args) -> dict[str, Any]:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     ptxas, cuobjdump = os.path.join(bin_dir, "ptxas"), os.path.join(bin_dir, "cuobjdump")
     ptr = {"x_ptr": "*bf16", "vals_ptr": "*bf16", "ids_ptr": "*i64", "maxima_ptr": "*fp32", "count_ptr": "*i32",
-           "cand_vals_ptr": "*fp32", "cand_ids_ptr": "*i32", "overflow_ptr": "*i8"}
+           "cand_vals_ptr": "*fp32", "cand_ids_ptr": "*i32", "overflow_ptr": "*i8", "lse_ptr": "*fp32",
+           "entropy_ptr": "*fp32"}
     out: dict[str, Any] = {"triton": triton.__version__, "k": args.k}
     for arch, vocab in VOCABS.items():
         block = TT.fused_block_size(vocab)
         kp = max(2, TT._next_pow2(args.k))
         cases = {"radix, 8 warps": ("radix_topk_rows", {"ROUNDS": 2, "BLOCK": 4096}, 8, 4096)}
-        for warps, tile in ((8, 4096), (16, 4096), (4, 2048)):  # as topk.EXACT_SELECTORS runs them
-            cases[f"blockmax_fused, {warps} warps, tiles of {tile}"] = (
+        # as topk.EXACT_SELECTORS runs them (with the statistics), and the 8-warp one without them for comparison
+        for warps, tile, stats in ((8, 4096, True), (16, 4096, True), (4, 2048, True), (8, 4096, False)):
+            cases[f"blockmax_fused, {warps} warps, tiles of {tile}{'' if stats else ', no statistics'}"] = (
                 "blockmax_topk_rows", {"BLOCK": block, "TB": tile // block, "NB": TT._next_pow2(-(-vocab // block)),
-                                       "KP": kp, "CAP": max(256, TT._next_pow2(4 * args.k))}, warps, tile)
+                                       "KP": kp, "CAP": max(256, TT._next_pow2(4 * args.k)), "STATS": stats},
+                warps, tile)
         for label, (name, consts, warps, tile) in cases.items():
             fn = TT.kernel(name)
             sig = {a: ptr.get(a) or ("constexpr" if a in consts else "i32") for a in fn.arg_names}
@@ -143,7 +146,9 @@ def candidates_part(args) -> dict[str, Any]:
 
 def cuda_part(args) -> dict[str, Any]:
     """ms per [rows, V] bf16 chunk (CUDA events) of each selection the autotuner may pick, at the kk it runs with,
-    and of torch.topk(k + margin), the baseline; random logits with a realistic spread (N(0, 3))."""
+    and of torch.topk(k + margin), the baseline; the compiled statistics pass, which the fused kernels make
+    unnecessary, and the 8-warp fused kernel without its statistics; whole chunks (`_topk_chunk`, compiled
+    statistics) with each selection. Random logits with a realistic spread (N(0, 3))."""
     if not torch.cuda.is_available():
         print("CUDA part skipped: no CUDA device on this machine", flush=True)
         return {"skipped": "no CUDA device"}
@@ -157,7 +162,8 @@ def cuda_part(args) -> dict[str, Any]:
     for arch, vocab in VOCABS.items():
         x = (torch.randn(args.rows, vocab, device="cuda", generator=g) * 3).to(torch.bfloat16)
         kk = args.k + T._margin(x.dtype, args.k, vocab)
-        entry: dict[str, Any] = {"torch_topk_ms": ms(lambda: x.topk(kk, dim=-1, sorted=False))}
+        entry: dict[str, Any] = {"torch_topk_ms": ms(lambda: x.topk(kk, dim=-1, sorted=False)),
+                                 "stats_compiled_ms": ms(lambda: T.compiled_stats(x))}
         for name, f in T.selector_candidates(x).items():
             n = args.k if name in T.EXACT_SELECTORS else kk
             try:
@@ -166,6 +172,10 @@ def cuda_part(args) -> dict[str, Any]:
                 entry[f"{name}_ms"] = ms(lambda f=f, n=n: f(x, n))
             except Exception as e:  # noqa: BLE001 - report and go on
                 entry[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if "blockmax_fused" in T.selector_candidates(x):
+            from cdm.precompute import triton_topk as TT
+
+            entry["blockmax_fused_nostats_ms"] = ms(lambda: TT.select_blockmax_fused(x, args.k, warps=8))
         for name in ("direct", *T.EXACT_SELECTORS):
             if name in T.selector_candidates(x):
                 try:
@@ -173,7 +183,7 @@ def cuda_part(args) -> dict[str, Any]:
                 except Exception as e:  # noqa: BLE001
                     entry[f"chunk_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         entry["ratios_vs_torch_topk"] = {k[:-3]: entry["torch_topk_ms"] / v for k, v in entry.items()
-                                         if k.endswith("_ms") and not k.startswith(("torch", "chunk"))}
+                                         if k.endswith("_ms") and not k.startswith(("torch", "chunk", "stats"))}
         out[arch] = entry
         print(f"[cuda {arch} {args.rows}x{vocab}] {json.dumps(entry)}", flush=True)
     return out

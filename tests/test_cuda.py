@@ -163,6 +163,9 @@ def test_topk_selectors_on_cuda_match_float64(select):
         ref = torch.log_softmax(xb.double(), -1)
         ids = torch.sort(ref, dim=-1, descending=True, stable=True).indices[:, :128]
         assert torch.equal(r.ids.long().cpu(), ids)
+        # the statistics: from the compiled pass, or from the fused kernels' own first pass
+        torch.testing.assert_close(r.logsumexp.cpu().double(), torch.logsumexp(xb.double(), -1), atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(r.entropy.cpu().double(), -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=1e-5)
     chosen = T.choose_selector(cont.to(torch.bfloat16).to("cuda"), 192, k=128)
     assert chosen in T.ALL_SELECTORS
 
@@ -189,6 +192,7 @@ def test_triton_selections_on_cuda_other_shapes(select, dtype, vocab, k):
         ids = torch.sort(ref, dim=-1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(r.ids.long(), ids)
         torch.testing.assert_close(r.logsumexp.double(), torch.logsumexp(x.double(), -1), atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(r.entropy.double(), -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -3,6 +3,9 @@ costs time and, on a CPU, must come after TRITON_INTERPRET is chosen)."""
 
 import triton.language as tl
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
 
 def radix_topk_rows(x_ptr, row_stride, vals_ptr, ids_ptr, n_cols, kk,
                     ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
@@ -55,26 +58,65 @@ def radix_topk_rows(x_ptr, row_stride, vals_ptr, ids_ptr, n_cols, kk,
 
 
 def blockmax_topk_rows(x_ptr, row_stride, maxima_ptr, count_ptr, cand_vals_ptr, cand_ids_ptr, vals_ptr,
-                       ids_ptr, overflow_ptr, n_cols, kk, BLOCK: tl.constexpr, TB: tl.constexpr, NB: tl.constexpr,
-                       KP: tl.constexpr, CAP: tl.constexpr):
+                       ids_ptr, overflow_ptr, lse_ptr, entropy_ptr, n_cols, kk, BLOCK: tl.constexpr,
+                       TB: tl.constexpr, NB: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr,
+                       STATS: tl.constexpr):
     """Program `row`: the row's kk largest entries, sorted by (value desc, id asc), via block maxima in one kernel.
 
     Pass 1 writes the maximum of each BLOCK-sized block to scratch; t = the kk-th largest maximum, so at least kk
     entries are >= t and every top-kk entry is. Pass 2 compacts the entries >= t (up to CAP) into scratch, counting
     them in `count_ptr` (zeroed by the caller); pass 3 keeps the top kk of them by a bitonic top-KP on
     (order key << 32 | ~id). A row with more than CAP candidates (heavy ties at t) is flagged in `overflow` for an
-    exact fix-up; its outputs are then unspecified (in bounds) except the first value, the row's maximum."""
+    exact fix-up; its outputs are then unspecified (in bounds) except the first value, the row's maximum.
+    With STATS, pass 1 also accumulates the row's log-sum-exp and entropy online (`row_stats_reference`'s values,
+    so the chunk needs no second read of the logits for them): a running maximum m, z = sum exp(x - m) and
+    s = sum exp(x - m) (x - m), rescaled when m grows to m' (s <- a (s + (m - m') z), z <- a z, a = exp(m - m')),
+    kept per block lane and combined the same way at the end; log-sum-exp = m + log z, entropy = log z - s / z."""
     row = tl.program_id(0).to(tl.int64)
     src = x_ptr + row * row_stride
     maxima = maxima_ptr + row * NB
     n_blocks = tl.cdiv(n_cols, BLOCK)
     blocks = tl.arange(0, TB)
     within = tl.arange(0, BLOCK)
+    # STATS: per block lane b (one per row of the [TB, BLOCK] tile) a running maximum m_b, z_b = sum 2^(y - m_b) and
+    # s_b = sum 2^(y - m_b) (y - m_b) over that lane's blocks, in base 2 (y = x log2 e: one FFMA and one MUFU.EX2 per
+    # entry), rescaled when m_b grows; no cross-thread reduction per tile beyond the block maxima's own; the lanes are
+    # combined once at the end. Differences below -200 are clamped there (2^-200 is 0 in fp32, so an entry of -inf
+    # adds 0 and not 0 * -inf); NaN propagates through the clamp, so a row holding one gets NaN statistics.
+    m_acc = tl.full([TB], float("-inf"), tl.float32)
+    z_acc = tl.zeros([TB], dtype=tl.float32)
+    s_acc = tl.zeros([TB], dtype=tl.float32)
     for b0 in range(0, n_blocks, TB):
         blk = b0 + blocks
         cols = blk[:, None] * BLOCK + within[None, :]
         x = tl.load(src + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-        tl.store(maxima + blk, tl.max(x, axis=1), mask=blk < n_blocks)
+        block_max = tl.max(x, axis=1)
+        tl.store(maxima + blk, block_max, mask=blk < n_blocks)
+        if STATS:
+            m_new = tl.maximum(m_acc, block_max * LOG2E)
+            shift = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane of only -inf so far: z = s = 0
+            had = m_acc > float("-inf")
+            step = tl.where(had, m_acc - shift, 0.0)
+            scale = tl.where(had, tl.exp2(step), 0.0)
+            s_acc = scale * (s_acc + step * z_acc)
+            z_acc = scale * z_acc
+            d = tl.maximum(x * LOG2E - shift[:, None], -200.0, propagate_nan=tl.PropagateNan.ALL)
+            e = tl.exp2(d)
+            z_acc += tl.sum(e, axis=1)
+            s_acc += tl.sum(e * d, axis=1)
+            m_acc = m_new
+    if STATS:
+        m = tl.max(m_acc, axis=0)
+        has = m_acc > float("-inf")
+        step = tl.where(has, m_acc - tl.where(m > float("-inf"), m, 0.0), 0.0)
+        w = tl.where(has, tl.exp2(step), 0.0)
+        z = tl.sum(w * z_acc, axis=0)
+        s = tl.sum(w * (s_acc + step * z_acc), axis=0)
+        ok = z > 0  # false for a row of only -inf entries, or a NaN one: both stored as NaN (refused at resolve)
+        safe_z = tl.where(ok, z, 1.0)
+        log2_z = tl.log2(safe_z)
+        tl.store(lse_ptr + row, tl.where(ok, (m + log2_z) * LN2, float("nan")))
+        tl.store(entropy_ptr + row, tl.where(ok, (log2_z - s / safe_z) * LN2, float("nan")))
     tl.debug_barrier()  # the scratch maxima written by every thread of the program, read back whole
     b = tl.arange(0, NB)
     top_maxima = tl.topk(tl.load(maxima + b, mask=b < n_blocks, other=float("-inf")), KP)  # descending

@@ -129,6 +129,13 @@ class _CompiledStats:
 compiled_stats = _CompiledStats()
 
 
+def _separate_stats(logits: torch.Tensor, impl: str, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, entropy) by the statistics pass `impl` ('compiled', else or if compiling fails 'eager');
+    `row_max` [rows, 1] fp32 is the eager path's shift."""
+    stats = compiled_stats(logits) if impl == "compiled" else None
+    return stats if stats is not None else _row_stats_eager(logits, row_max)
+
+
 def resolve_stats_impl(impl: str) -> str:
     """'auto' -> 'compiled' (one fused pass, see `row_stats_reference`) unless CDM_TOPK_EAGER=1 is set."""
     if impl not in STATS_IMPLS:
@@ -173,15 +180,17 @@ SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Ten
     **{f"blockmax{b}": (lambda x, kk, b=b: select_blockmax(x, kk, b)) for b in (16, 32, 64)},
 }
 # Selections that also break ties at the kk-th place exactly (lowest ids win, as `_exact_topk`): they run with kk = k,
-# so no tie margin; they return (values, ids, rows needing the exact fix-up or None). Offered only where
-# `triton_topk.usable(x)` (Triton on CUDA, or its interpreter).
-EXACT_SELECTORS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
-    "radix": lambda x, kk: triton_topk.select_radix(x, kk, 4096, 8),
-    "blockmax_fused": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=8),
-    "blockmax_fused16": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=16),
-    "blockmax_fused4": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, tile=2048, warps=4),
+# so no tie margin; they return (values, ids, rows needing the exact fix-up or None, (log-sum-exp, entropy) of every
+# row or None). Offered only where `triton_topk.usable(x)` (Triton on CUDA, or its interpreter).
+ExactSelection = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "tuple[torch.Tensor, torch.Tensor] | None"]
+EXACT_SELECTORS: dict[str, Callable[[torch.Tensor, int], ExactSelection]] = {
+    "radix": lambda x, kk: (*triton_topk.select_radix(x, kk, 4096, 8), None),
+    "blockmax_fused": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=8, stats=True),
+    "blockmax_fused16": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, warps=16, stats=True),
+    "blockmax_fused4": lambda x, kk: triton_topk.select_blockmax_fused(x, kk, tile=2048, warps=4, stats=True),
 }
 SORTED_SELECTORS = ("blockmax_fused", "blockmax_fused16", "blockmax_fused4")  # output in (value desc, id asc) order
+STATS_SELECTORS = SORTED_SELECTORS  # also give the rows' log-sum-exp and entropy: the chunk skips its statistics pass
 ALL_SELECTORS = {**SELECTORS, **EXACT_SELECTORS}
 _selector_choice: dict[tuple[Any, ...], str] = {}
 
@@ -223,6 +232,7 @@ def selector_candidates(x: torch.Tensor) -> dict[str, Callable[[torch.Tensor, in
     return {**SELECTORS, **{n: f for n, f in exact.items() if _shape_key(x, n) not in _failed_selectors}}
 
 
+STATS_RTOL, STATS_ATOL = 1e-4, 1e-3  # a kernel's fp32 statistics against the fp32 reference (differences seen: ~1e-6)
 MAX_FLAGGED_SHARE = 0.125  # a selection that leaves more rows than this to the exact fix-up is not worth using
 VERIFY_ROWS = 128  # rows of the first chunk of a shape on which each Triton selection is checked
 
@@ -232,13 +242,14 @@ def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = VERIFY
     """Check an exact-tie selection against `_exact_topk` (ids `reference`, computed if None) on the first `rows`
     rows of `x`, on its device: None if it agrees, else what was wrong. Rows holding a NaN are left out (the chunk is
     refused later anyway, and NaN != NaN). Checked: the ids of every row it did not flag for the fix-up, the first
-    value (the row's maximum) of every row, and that it flags at most MAX_FLAGGED_SHARE of the rows (flagging every
-    row would pass the id check while leaving all the work to the slow fix-up). The autotuner runs this once per
+    value (the row's maximum) of every row, that it flags at most MAX_FLAGGED_SHARE of the rows (flagging every
+    row would pass the id check while leaving all the work to the slow fix-up), and, for a selection that also gives
+    the statistics, those of every row whose float64 ones are finite. The autotuner runs this once per
     shape, so a kernel that misbehaves on this GPU (e.g. a race the interpreter cannot show) is dropped."""
     sample = x[:rows]
     if reference is None:
         reference = _exact_topk(sample.float(), k)[1]
-    vals, ids, fix = EXACT_SELECTORS[name](sample, k)
+    vals, ids, fix, stats = EXACT_SELECTORS[name](sample, k)
     if name not in SORTED_SELECTORS:
         vals, ids = _order_ties_by_id(vals, ids)
     usable = ~torch.isnan(sample).any(-1)
@@ -251,15 +262,25 @@ def verify_exact_selector(x: torch.Tensor, name: str, k: int, rows: int = VERIFY
         r = int(bad.nonzero()[0, 0])
         return (f"wrong top-{k} on row {r} of {len(sample)} (ids {ids[r, :5].tolist()}... where _exact_topk gives "
                 f"{reference[r, :5].tolist()}...)")
+    if stats is not None:
+        for what, got, want in zip(("log-sum-exp", "entropy"), stats, row_stats_reference(sample)):
+            off = torch.isfinite(want) & ~torch.isclose(got, want, rtol=STATS_RTOL, atol=STATS_ATOL)
+            if bool(off.any()):
+                r = int(off.nonzero()[0, 0])
+                return (f"wrong {what} on row {r} of {len(sample)} ({got[r].item()} where row_stats_reference gives "
+                        f"{want[r].item()})")
     return None
 
 
-def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: int | None = None) -> str:
+def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: int | None = None,
+                    impl: str = "eager") -> str:
     """Which exact top-k selection to use for chunks like `x`: $CDM_TOPK_SELECT if set; 'direct' on CPU (where it
     measured fastest); on an accelerator (or with `autotune`) the fastest candidate, timed once on the first chunk
-    of each (device, dtype, vocabulary, kk): the margin-based ones at `kk`, the exact-tie ones at `k` (default kk),
-    which is what `_topk_chunk` runs them with. A Triton candidate that fails to compile or run, or disagrees with
-    `_exact_topk` on the chunk's first rows, is dropped for that shape."""
+    of each (device, dtype, vocabulary, kk, statistics `impl`): the margin-based ones at `kk`, the exact-tie ones at
+    `k` (default kk), which is what `_topk_chunk` runs them with; a candidate that does not give the statistics is
+    charged the time of the separate statistics pass (`impl`) it leaves to the chunk. A Triton candidate that fails
+    to compile or run, or disagrees with `_exact_topk` or float64 statistics on the chunk's first rows, is dropped for
+    that shape."""
     forced = os.environ.get("CDM_TOPK_SELECT")
     if forced:
         if forced not in ALL_SELECTORS:
@@ -270,10 +291,10 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: i
         return forced
     if not (autotune if autotune is not None else x.device.type != "cpu"):
         return "direct"
-    key = (str(x.device), x.dtype, x.shape[-1], kk, k)
+    key = (str(x.device), x.dtype, x.shape[-1], kk, k, impl)
     candidates = selector_candidates(x)
     if _selector_choice.get(key) not in candidates:
-        times = {}
+        times: dict[str, float] = {}
         reference: list[torch.Tensor] = []  # `_exact_topk` ids of the sample rows, computed once for all kernels
         for name, f in candidates.items():
             exact = name in EXACT_SELECTORS
@@ -291,9 +312,16 @@ def choose_selector(x: torch.Tensor, kk: int, autotune: bool | None = None, k: i
                 if not exact:
                     raise
                 _drop_selector(x, name, e)
+        stats_time = 0.0
+        if any(n in STATS_SELECTORS for n in times) and any(n not in STATS_SELECTORS for n in times):
+            row_max = x.amax(-1, keepdim=True).float()
+            stats_time = _time_selector(lambda: _separate_stats(x, impl, row_max), x.device)
+            for n in times:
+                times[n] += 0.0 if n in STATS_SELECTORS else stats_time
         _selector_choice[key] = min(times, key=times.get)  # type: ignore[arg-type]
-        log.info("top-k selection for %s: %s (%s)", key, _selector_choice[key],
-                 ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in times.items()))
+        log.info("top-k selection for %s: %s (%s; those without their own statistics include the %s pass, %.2f ms)",
+                 key, _selector_choice[key], ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in times.items()), impl,
+                 1e3 * stats_time)
     return _selector_choice[key]
 
 
@@ -305,14 +333,14 @@ def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str |
     `_exact_topk`). An exact-tie selection fetches exactly k and flags only the rows it could not finish."""
     vocab = logits.shape[-1]
     kk = k + _margin(logits.dtype, k, vocab)
-    name = select or choose_selector(logits, kk, k=k)
+    name = select or choose_selector(logits, kk, k=k, impl=impl)
     exact = name in EXACT_SELECTORS
     if exact:
         kk = k
-    fix = None
+    fix = stats = None
     try:
         if exact:
-            vals, ids, fix = EXACT_SELECTORS[name](logits, kk)
+            vals, ids, fix, stats = EXACT_SELECTORS[name](logits, kk)
         else:
             vals, ids = SELECTORS[name](logits, kk)
     except Exception as e:  # noqa: BLE001 - an autotuned Triton pick that fails on a new shape: drop it, retry
@@ -323,8 +351,7 @@ def _topk_chunk(logits: torch.Tensor, k: int, impl: str = "eager", select: str |
         return _topk_chunk(logits, k, impl)
     if name not in SORTED_SELECTORS:
         vals, ids = _order_ties_by_id(vals, ids)  # descending, equal values by id; vals[:, 0] is the row max
-    stats = compiled_stats(logits) if impl == "compiled" else None
-    lse, entropy = stats if stats is not None else _row_stats_eager(logits, vals[:, :1].float())
+    lse, entropy = stats if stats is not None else _separate_stats(logits, impl, vals[:, :1].float())
     if fix is not None:
         overflow = fix
     elif exact or kk >= vocab:
@@ -471,6 +498,8 @@ def topk_stats(
     chunk; the compiled path reads the logits in their own dtype and makes none; rows whose k-th place ties past
     the fetched candidates use an int64 [rows, V] key). `impl`: 'compiled' fuses log-sum-exp and entropy into one
     pass with torch.compile (falls back to 'eager' if compiling fails); 'auto' = compiled unless CDM_TOPK_EAGER=1.
+    A Triton selection that accumulates the statistics in its own first pass (`STATS_SELECTORS`, GPU only, chosen
+    by the autotuner when faster) makes the statistics pass unnecessary whatever `impl` says.
     """
     return topk_stats_async(logits, k, n_rows=n_rows, vocab_size=vocab_size, memory_budget=memory_budget,
                             impl=impl).resolve()

@@ -264,7 +264,7 @@ def kernel_breakdown(model, k: int, rows: int = 4096, iters: int = 20) -> dict[s
                      for n in T.EXACT_SELECTORS if n in T.selector_candidates(logits)} or {"triton": "unavailable"}
     return {"rows": rows, "vocab": int(logits.shape[-1]), "head_matmul_ms": ms(lambda: head(h)),
             "topk_ms": ms(lambda: logits.topk(kk, dim=-1)), **select, **triton_chunks,
-            "chosen": T.choose_selector(logits, kk, k=k),
+            "chosen": T.choose_selector(logits, kk, k=k, impl=T.resolve_stats_impl("auto")),
             "stats_eager_ms": ms(lambda: T._row_stats_eager(logits, top)),
             "stats_compiled_ms": ms(lambda: T.compiled_stats(logits)),
             "whole_chunk_compiled_ms": ms(lambda: T._topk_chunk(logits, k, "compiled")),

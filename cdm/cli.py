@@ -75,6 +75,10 @@ def build_map_command(
     except (StoreError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: the sequences committed to the map store so far are kept; rerun the same "
+                   "command to resume", err=True)
+        raise typer.Exit(130) from None
     typer.echo(format_report(res.report))
     typer.echo(f"map store: {res.url}" + ("" if res.computed else " (already complete)"))
 

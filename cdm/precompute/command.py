@@ -33,7 +33,8 @@ def precompute_command(
     num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Data-parallel workers "
                                                       "(default: $WORLD_SIZE, else 1).")] = None,
     shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This worker (default: $RANK, else 0).")] = None,
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR, else ~/.cache/cdm).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR or $CDM_CACHE, "
+                                                     "else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
@@ -50,7 +51,8 @@ def precompute_command(
                                         "(a child process: no GIL shared with the device loop, but a pipe "
                                         "transfer), auto (= thread; see benchmarks/RESULTS.md).")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Also print the result as JSON on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (instead of the store "
+                                          "path).")] = False,
 ) -> None:
     """Run the teacher once over the data and write its top-k signal into a sharded, resumable teacher store."""
     from cdm.precompute.data import DataError
@@ -74,14 +76,16 @@ def precompute_command(
         typer.echo("\ninterrupted: every sequence handed to the store writer is committed; rerun the same command "
                    "to resume", err=True)
         raise typer.Exit(130) from None
-    typer.echo(res.url)
-    if as_json:
+    if as_json:  # stdout holds only the JSON, so that it pipes into jq
         typer.echo(json.dumps({"url": res.url, "key": res.key, "computed": res.computed,
                                "store_complete": res.store_complete, "stats": res.stats, "wall_s": res.wall_s}))
+    else:
+        typer.echo(res.url)
 
 
 def ls_command(
-    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR, else ~/.cache/cdm).")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR or $CDM_CACHE, "
+                                                     "else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """List cached teacher stores with their size and provenance."""

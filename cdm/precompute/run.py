@@ -187,8 +187,8 @@ def run(
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"--truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-    if top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    check_numbers(top_k=top_k, max_length=max_length, limit=limit, batch_tokens=batch_tokens, id_table=id_table,
+                  commit_tokens=commit_tokens, window_rows=window_rows)
     fmt = RecordFormat(text_field, prompt_field, response_field, messages_field, separator)
     n_shards, shard = resolve_shard(num_shards, shard_index)
 
@@ -201,9 +201,14 @@ def run(
     config = load_config(source)
     vocab_size = int(config.vocab_size)
     check_vocab(tok, vocab_size, source.spec)
+    if top_k > vocab_size:  # checked before anything is written: a store made with it would block the corrected rerun
+        raise ValueError(f"--top-k {top_k} is more than the teacher's vocabulary of {vocab_size} tokens")
     context = int(getattr(config, "max_position_embeddings", 0) or 0)
     if max_length is None:
         max_length = context or 4096
+    elif context and max_length > context:
+        say(f"warning: --max-length {max_length} is beyond the teacher's context of {context} positions "
+            f"(max_position_embeddings of {source.spec}); its log-probs past position {context} are not meaningful")
     if backend == "vllm" and context and max_length > context - 2:
         max_length = context - 2  # vLLM needs room for the appended dummy token and the generated one
     template = None
@@ -225,7 +230,7 @@ def run(
     n_rows = len(ds) if limit is None else min(int(limit), len(ds))
 
     # key, manifest and location
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # checked before anything is written
     if dev == "cuda" and os.environ.get("LOCAL_RANK"):
         dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     torch_dtype = resolve_dtype(dtype, dev)
@@ -243,6 +248,7 @@ def run(
 
     existing = TeacherStore.read_manifest(url)
     if existing is not None and existing.get("key") == key and existing.get("complete"):
+        check_not_empty(existing, url, {})
         report = "store is complete; nothing to do\n" + store_summary(existing, url)
         say(report)
         return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
@@ -289,11 +295,50 @@ def run(
              f"{stats['truncated_this_run']} truncated, {wall:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"]
     if stats["skipped"]:
         lines.append(f"skipped    {dict(sorted(stats['skipped'].items()))} (this shard)")
+        lines.extend(f"           {reason}: source rows {', '.join(map(str, rows))}"
+                     f"{' ...' if stats['skipped'][reason] > len(rows) else ''}"
+                     for reason, rows in sorted(stats.get("skipped_rows", {}).items()))
     if todo:
         lines.extend(host_wait_lines(waits, wall))
     report = "\n".join(lines)
     say(report)
+    if manifest_after.get("complete"):
+        check_not_empty(manifest_after, url, stats)
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
+
+
+def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batch_tokens: int, id_table: int,
+                  commit_tokens: int, window_rows: int) -> None:
+    """Refuse meaningless numeric options up front, naming the flag (before any store is created, so a typo cannot
+    leave a store behind that blocks the corrected command)."""
+    minimum = {"--top-k": (top_k, 1), "--batch-tokens": (batch_tokens, 1), "--id-table": (id_table, 0),
+               "commit_tokens": (commit_tokens, 1), "window_rows": (window_rows, 1)}
+    if max_length is not None:
+        minimum["--max-length"] = (max_length, 2)  # one token predicts nothing the student could be trained on
+    if limit is not None:
+        minimum["--limit"] = (limit, 1)
+    for flag, (value, least) in minimum.items():
+        if int(value) < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+
+
+def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, Any]) -> None:
+    """A complete store without a single sequence is a mistake (a wrong field, a --max-length below every row, all
+    rows empty): say so with the skip reasons instead of reporting success. The store stays: it records the skips."""
+    if int(manifest.get("totals", {}).get("sequences", 0)):
+        return
+    skipped: dict[str, int] = {}
+    for s in manifest.get("shards", []):
+        for reason, count in (s.get("skipped_by_reason") or {}).items():
+            skipped[reason] = skipped.get(reason, 0) + int(count)
+    examples = "; ".join(f"{reason}: source rows {', '.join(map(str, rows))}"
+                         for reason, rows in sorted((stats.get("skipped_rows") or {}).items()))
+    if not skipped:
+        raise ValueError(f"{url}: no sequence was stored: the data has no rows (--data, --split, --limit)")
+    raise ValueError(f"{url}: no sequence was stored: every input row was skipped "
+                     f"({dict(sorted(skipped.items()))}){'; ' + examples if examples else ''}. "
+                     "Check the record fields (--text-field / --prompt-field / --response-field / --messages-field), "
+                     "--max-length and --truncation")
 
 
 def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, paths: Sequence[str], split: str,

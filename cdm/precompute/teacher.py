@@ -105,9 +105,25 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, flag: str = "--device") -> str:
+    """'auto' -> 'cuda' where available, else 'cpu'; anything else must be a device torch knows and this machine has
+    (checked before any store is written, with a message naming the flag)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag} must be auto, cpu, cuda or cuda:N (or another torch device type), got {device!r}") \
+            from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                             "use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{flag} {device}: MPS is not available on this machine; use --device cpu or auto")
     return device
 
 

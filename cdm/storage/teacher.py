@@ -226,13 +226,17 @@ class TeacherStoreWriter:
     def stats(self) -> dict[str, Any]:
         st = self._w.state
         skipped: dict[str, int] = {}
-        for _, reason in st.skipped or []:
+        examples: dict[str, list[int]] = {}  # the first few skipped source rows of each reason, for the report
+        for index, reason in st.skipped or []:
             skipped[reason] = skipped.get(reason, 0) + 1
+            if len(examples.setdefault(reason, [])) < 5:
+                examples[reason].append(int(index))
         return {
             "sequences": st.n_sequences,
             "tokens": st.n_tokens,
             "truncated_this_run": self._truncated,
             "skipped": skipped,
+            "skipped_rows": {r: sorted(v) for r, v in examples.items()},
         }
 
     def __enter__(self) -> "TeacherStoreWriter":

@@ -1,0 +1,100 @@
+"""`cdm precompute` refuses meaningless options before it writes anything, and a run that stores no sequence fails."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from cdm.cli import app
+from cdm.precompute import run
+from cdm.precompute.teacher import resolve_device
+from cdm.storage import TeacherStore
+from tests.test_precompute_support import _offline, text_records, tiny_teacher, tokenizer, write_jsonl  # noqa: F401
+
+QUIET = {"progress": False, "echo": lambda s: None}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"top_k": 5000}, "--top-k 5000 is more than the teacher's vocabulary"),
+    ({"top_k": 0}, "--top-k must be >= 1"),
+    ({"batch_tokens": 0}, "--batch-tokens must be >= 1"),
+    ({"max_length": -5}, "--max-length must be >= 2"),
+    ({"max_length": 1}, "--max-length must be >= 2"),
+    ({"limit": -3}, "--limit must be >= 1"),
+    ({"limit": 0}, "--limit must be >= 1"),
+    ({"id_table": -1}, "--id-table must be >= 0"),
+    ({"device": "bogus"}, "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, options, message):
+    """A typo must not leave a store behind whose key blocks the corrected command: nothing is written at --out."""
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(4, seed=1))
+    out = tmp_path / "store"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run(str(tiny_teacher), str(data), str(out), **{"top_k": 4, "text_field": "text", **options}, **QUIET)
+    assert not out.exists()
+    run(str(tiny_teacher), str(data), str(out), top_k=4, text_field="text", **QUIET)  # the corrected command works
+    assert len(TeacherStore(str(out))) == 4
+
+
+def test_device_checks():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device must be"):
+        resolve_device("gpu0")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+
+
+def test_a_run_that_stores_nothing_fails_and_names_the_skipped_rows(tmp_path, tiny_teacher):
+    """Every row skipped (here: a field that is not text) is an error with the reasons and the rows, also when the
+    command is run again on the complete, empty store; the CLI exits 2 with one `error:` line."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": ["a", "list"]} for _ in range(3)])
+    out = str(tmp_path / "store")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"no sequence was stored: every input row was skipped .*source rows 0, 1, 2"
+                           if _ == 0 else "no sequence was stored: every input row was skipped"):
+            run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", **QUIET)
+    r = CliRunner().invoke(app, ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--out", out,
+                                 "--text-field", "text", "--top-k", "4", "--no-progress"])
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+    assert "--text-field" in r.output
+
+
+def test_skipped_rows_are_named_in_the_report(tmp_path, tiny_teacher):
+    recs = text_records(5, seed=2)
+    recs[1] = {"text": "   "}
+    recs[3] = {"text": "  "}
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    lines: list[str] = []
+    run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", progress=False,
+        echo=lines.append)
+    report = "\n".join(lines)
+    assert "source rows 1, 3" in report
+
+
+def test_json_output_is_pure_json(tmp_path, tiny_teacher):
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(3, seed=3))
+    out = str(tmp_path / "store")
+    r = CliRunner().invoke(app, ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--out", out,
+                                 "--text-field", "text", "--top-k", "4", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    stdout = r.stdout if hasattr(r, "stdout") else r.output
+    doc = json.loads(stdout)
+    assert doc["url"] == out and doc["store_complete"] and os.path.exists(out)
+
+
+def test_max_length_beyond_the_context_warns(tmp_path, tiny_teacher):
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(tiny_teacher).max_position_embeddings
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(2, seed=4))
+    lines: list[str] = []
+    run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", max_length=context + 10,
+        progress=False, echo=lines.append)
+    assert any(f"beyond the teacher's context of {context}" in line for line in lines)

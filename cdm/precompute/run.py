@@ -354,7 +354,9 @@ def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, pat
     key = cache_key({"teacher": teacher_fp["sha256"], "tokenizer": tok_fp, "chat_template": sha256_text(template),
                      "data": data_fp, "record_format": fmt.to_json(), "limit": n_rows, "capture": capture})
     manifest = {
-        "teacher": {"source": source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
+        # a local teacher is recorded by its absolute path: `cdm ls` on a shared cache must not show "./teacher"
+        "teacher": {"source": os.path.abspath(os.path.expanduser(source.spec))
+                    if os.path.exists(os.path.expanduser(source.spec)) else source.spec, "kind": source.kind, "gguf_file": source.gguf_file,
                     "fingerprint": teacher_fp["sha256"], "files": teacher_fp["files"],
                     "tokenizer": {"class": type(tok).__name__, "size": len(tok), "sha256": tok_fp,
                                   "bos_token": tok.bos_token, "eos_token": tok.eos_token,

@@ -98,3 +98,40 @@ def test_max_length_beyond_the_context_warns(tmp_path, tiny_teacher):
     run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", max_length=context + 10,
         progress=False, echo=lines.append)
     assert any(f"beyond the teacher's context of {context}" in line for line in lines)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "the file is empty"),
+    ('{"text": "a"}\n\n{"text": "b"}\n{"text": bad}\n', "line 4 is not valid JSON"),
+    ('{"text": "a"}\n["not", "an", "object"]\n{"text": "c"}\n', "line 2 is a JSON list, not an object"),
+])
+def test_unreadable_json_names_the_file_and_the_line(tmp_path, tiny_teacher, content, message):
+    """pyarrow's own message names no file and counts rows from 0; the error says which file and which line."""
+    from cdm.precompute.data import DataError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=f"{path}: {message}"):
+        run(str(tiny_teacher), str(path), str(tmp_path / "s"), top_k=4, text_field="text", **QUIET)
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_progress_silences_the_libraries_and_restores_them():
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from cdm.progress import library_progress_bars, quiet_libraries_unless_progress
+
+    seen = []
+
+    @quiet_libraries_unless_progress
+    def entry(*, progress: bool = True):
+        seen.append((datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()))
+
+    entry(progress=False)
+    entry(progress=True)
+    assert seen == [(False, False), (True, True)]
+    with pytest.raises(RuntimeError):
+        with library_progress_bars(False):
+            raise RuntimeError("boom")
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()

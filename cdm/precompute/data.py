@@ -283,8 +283,37 @@ def load_records(paths: Sequence[str], *, split: str = "train", cache_dir: str |
     try:
         return datasets.load_dataset(builder, data_files=list(paths), split="train", cache_dir=cache_dir)
     except Exception as e:
+        if builder == "json":  # pyarrow names neither the file nor the line (and counts rows from 0)
+            for p in paths:
+                problem = _first_json_problem(p)
+                if problem:
+                    raise DataError(f"{p}: {problem}") from e
         cause = e.__cause__ or e
         raise DataError(f"could not read {list(paths)} as {builder}: {type(cause).__name__}: {cause}") from e
+
+
+def _first_json_problem(path: str) -> str | None:
+    """Why a .json/.jsonl file cannot be read as records, with a 1-based line number: it is empty, or the first line
+    that is not a JSON object (JSON Lines), or the JSON document's own error. None if nothing is found."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        return "the file is empty (no records)"
+    try:
+        doc = json.loads(text)  # one JSON document: a list of records (or a dict of columns)
+        return None if isinstance(doc, (list, dict)) else f"holds a JSON {type(doc).__name__}, not records"
+    except json.JSONDecodeError:
+        pass
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {lineno} is not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(record, dict):
+            return f"line {lineno} is a JSON {type(record).__name__}, not an object (one record per line)"
+    return None
 
 
 def fetch_rows(dataset: Any, indices: Sequence[int]) -> tuple[list[dict[str, Any] | None], list[str | None]]:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 import cdm
+from cdm.progress import quiet_libraries_unless_progress
 from cdm.precompute.data import (
     Canonical,
     RecordFormat,
@@ -133,6 +134,7 @@ def _chat_renderer(tokenizer: Any, template: str) -> Callable[[list[dict[str, An
     return render
 
 
+@quiet_libraries_unless_progress
 def run(
     teacher: str,
     data: str | Sequence[str],

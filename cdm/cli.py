@@ -16,10 +16,10 @@ app = typer.Typer(
 
 @app.command("info")
 def info_command(
-    store: Annotated[str, typer.Argument(help="Teacher store directory or fsspec URL.")],
+    store: Annotated[str, typer.Argument(help="Teacher or map store directory or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Summarise a teacher store: sequences, tokens, k, teacher, shards, bytes on disk and bytes per token."""
+    """Summarise a teacher or map store: sequences, tokens, k, teacher, shards, bytes on disk and bytes per token."""
     from cdm.storage.ragged import StoreError
     from cdm.storage.verify import store_info
 
@@ -38,13 +38,21 @@ def info_command(
 
 @app.command("verify")
 def verify_command(
-    store: Annotated[str, typer.Argument(help="Teacher store directory or fsspec URL.")],
-    max_problems: Annotated[int, typer.Option(help="Stop after this many problems.")] = 50,
+    store: Annotated[str, typer.Argument(help="Teacher or map store directory or fsspec URL.")],
+    max_problems: Annotated[int, typer.Option(min=0, help="Stop after this many problems (0: no limit).")] = 50,
 ) -> None:
-    """Recompute shard digests and check every sequence's invariants; exit 1 on the first problems found."""
+    """Recompute shard digests and check every sequence's invariants (teacher or map store; a map store also
+    against its teacher store where that opens); exit 1 on the first problems found."""
+    from cdm.storage.ragged import StoreError
     from cdm.storage.verify import verify_store
 
-    report = verify_store(store, max_problems=max_problems)
+    try:
+        report = verify_store(store, max_problems=max_problems)
+    except (StoreError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for n in report.notes:
+        typer.echo(f"note: {n}", err=True)
     for p in report.problems:
         typer.echo(f"problem: {p}", err=True)
     if not report.ok:
@@ -59,9 +67,10 @@ def build_map_command(
     student_tokenizer: Annotated[str, typer.Option("--student-tokenizer", help="Student tokenizer: HF folder, tokenizer.json or .gguf.")],
     out: Annotated[str, typer.Option("--out", help="Map store to write (path or fsspec URL).")],
     align: Annotated[str, typer.Option("--align", help="offsets (exact, default) | dtw (CDM entropy-weighted DTW) | mined.")] = "offsets",
-    theta: Annotated[float, typer.Option("--theta", help="Fuzzy neighbour threshold on normalised edit distance.")] = 0.3,
+    theta: Annotated[float, typer.Option("--theta", help="Fuzzy neighbour threshold, in (0, 1]: token pairs with normalised "
+                                                          "edit distance levenshtein/(len a + len b) below it.")] = 0.3,
     space_insensitive: Annotated[bool, typer.Option("--space-insensitive", help="Exact map ignores the leading-space flag (the paper's rule).")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes, >= 1 (default: all cores).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Cache for per-tokenizer-pair vocabulary maps.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:

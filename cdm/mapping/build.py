@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,6 +23,8 @@ from cdm.mapping import vocab as V
 from cdm.mapping import vocab_maps as VM
 from cdm.mapping.store import (
     CSR,
+    DIAG_KINDS,
+    DIAG_MASSES,
     KIND_NAMES,
     MapSequence,
     MapStore,
@@ -213,6 +216,32 @@ def map_sequence(
     )
 
 
+def sequence_diagnostics(seq: MapSequence, t: TeacherSequence, maps: VocabMaps) -> dict[str, int | float]:
+    """One sequence's share of report.json beyond the counts its map row already holds, keyed by the Parquet column
+    it is kept in (`DIAG_KINDS`, `DIAG_MASSES`): positions per alignment kind (response positions without a teacher
+    row count as unaligned) and the teacher top-k mass of its aligned rows, split by how the ids map (pure)."""
+    hit = seq.teacher_row >= 0
+    rows = seq.teacher_row[hit]
+    kinds = {name: 0 for name in KIND_NAMES.values()}
+    for code, n in zip(*np.unique(seq.align_kind[hit], return_counts=True)):
+        kinds[KIND_NAMES[int(code)]] += int(n)
+    kinds["unaligned"] += max(int(seq.loss_mask.sum()) - len(rows), 0)
+    mass = {"mass_total": 0.0, "mass_exact": 0.0, "mass_fuzzy": 0.0, "mass_none": 0.0, "tail_mass": 0.0}
+    if len(rows):
+        ids = t.topk_ids[rows]
+        p = np.exp(t.topk_logprobs[rows].astype(np.float64))
+        exact = maps.em_t2s[ids] >= 0
+        has_fuzzy = np.diff(maps.fuzzy_t2s.indptr)[ids] > 0
+        mass = {
+            "mass_total": float(p.sum()),
+            "mass_exact": float(p[exact].sum()),
+            "mass_fuzzy": float(p[~exact & has_fuzzy].sum()),
+            "mass_none": float(p[~exact & ~has_fuzzy].sum()),
+            "tail_mass": float(len(rows) - p.sum()),
+        }
+    return {**{DIAG_KINDS[k]: v for k, v in kinds.items()}, **{DIAG_MASSES[k]: v for k, v in mass.items()}}
+
+
 @dataclass
 class Diagnostics:
     """Running totals for report.json."""
@@ -229,25 +258,29 @@ class Diagnostics:
     tail_mass: float = 0.0
 
     def add(self, seq: MapSequence, t: TeacherSequence, maps: VocabMaps) -> None:
+        """Count one sequence, reading its teacher sequence (the slow path, for map stores without per-sequence
+        diagnostics)."""
+        d = sequence_diagnostics(seq, t, maps)
         self.sequences += 1
         self.student_tokens += len(seq.student_ids)
         self.response_positions += int(seq.loss_mask.sum())
-        rows = seq.teacher_row[seq.teacher_row >= 0]
-        self.aligned += len(rows)
-        for code, n in zip(*np.unique(seq.align_kind[seq.teacher_row >= 0], return_counts=True)):
-            self.kinds[KIND_NAMES[int(code)]] += int(n)
-        self.kinds["unaligned"] += max(int(seq.loss_mask.sum()) - len(rows), 0)
-        if len(rows) == 0:
-            return
-        ids = t.topk_ids[rows]
-        p = np.exp(t.topk_logprobs[rows].astype(np.float64))
-        exact = maps.em_t2s[ids] >= 0
-        has_fuzzy = np.diff(maps.fuzzy_t2s.indptr)[ids] > 0
-        self.mass_total += float(p.sum())
-        self.mass_exact += float(p[exact].sum())
-        self.mass_fuzzy += float(p[~exact & has_fuzzy].sum())
-        self.mass_none += float(p[~exact & ~has_fuzzy].sum())
-        self.tail_mass += float(len(rows) - p.sum())
+        self.aligned += int((seq.teacher_row >= 0).sum())
+        for name, col in DIAG_KINDS.items():
+            self.kinds[name] += int(d[col])
+        for name, col in DIAG_MASSES.items():
+            setattr(self, name, getattr(self, name) + float(d[col]))
+
+    @classmethod
+    def from_shards(cls, entries: list[dict[str, Any]]) -> "Diagnostics | None":
+        """Totals of a map store from its shard entries' ``report_totals`` (see `MapStoreWriter.close`), merged in
+        shard order; None when a shard has none (written by an older cdm), so the caller recounts."""
+        total = cls()
+        for e in entries:
+            t = e.get("report_totals")
+            if not isinstance(t, dict):
+                return None
+            total.merge(cls(**{**t, "kinds": dict(t["kinds"])}))
+        return total
 
     def merge(self, other: "Diagnostics") -> None:
         for name in ("sequences", "student_tokens", "response_positions", "aligned", "mass_total", "mass_exact", "mass_fuzzy", "mass_none", "tail_mass"):
@@ -291,19 +324,33 @@ def _init_worker(store_url: str, student_path: str, opts: BuildOptions, teacher_
     _W["maps"] = VocabMaps.load(Location(maps_path)) if maps_path else None
 
 
-def _map_range(indices: list[int]) -> tuple[list[MapSequence], Diagnostics, list[tuple[int, str]]]:
+def _map_range(indices: list[int]) -> tuple[list[MapSequence], list[tuple[int, str]]]:
+    """Map the given teacher sequences; each mapped sequence carries its report share in
+    ``extra["diagnostics"]`` (`sequence_diagnostics`), which the map store keeps in its row."""
     store, opts = _W["store"], _W["opts"]
-    out, diag, skipped = [], Diagnostics(), []
+    out, skipped = [], []
     for i, t in zip(indices, store.sequences(indices)):  # consecutive indices are read as ranges
         try:
             seq = map_sequence(t, i, _W["student"], opts, _W["tcv"], _W["scv"])
         except ValueError as e:
             skipped.append((i, f"sequence {t.seq_id}: {e}"))
             continue
-        out.append(seq)
         if _W["maps"] is not None:
-            diag.add(seq, t, _W["maps"])
-    return out, diag, skipped
+            seq.extra["diagnostics"] = sequence_diagnostics(seq, t, _W["maps"])
+        out.append(seq)
+    return out, skipped
+
+
+def check_build_args(align: str, theta: float, workers: int | None, batch_sequences: int) -> None:
+    """Refuse settings build-map cannot use, naming the CLI flag (ValueError), before anything is opened."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"--align must be one of {ALIGN_MODES}, got {align!r}")
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 < theta <= 1:
+        raise ValueError(f"--theta must be in (0, 1] (a normalised edit distance, levenshtein / (len a + len b)), got {theta!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
+        raise ValueError(f"--workers must be an integer >= 1 (leave it out to use all cores), got {workers!r}")
+    if isinstance(batch_sequences, bool) or not isinstance(batch_sequences, int) or batch_sequences < 1:
+        raise ValueError(f"batch_sequences must be an integer >= 1, got {batch_sequences!r}")
 
 
 @dataclass
@@ -328,10 +375,14 @@ def build_map(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> BuildResult:
-    """Build (or resume, or reuse) the map store of `store` for `student_tokenizer` at `out`."""
-    if align not in ALIGN_MODES:
-        raise ValueError(f"--align must be one of {ALIGN_MODES}, got {align!r}")
-    opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers or max(1, (os.cpu_count() or 1)))
+    """Build (or resume, or reuse) the map store of `store` for `student_tokenizer` at `out`.
+
+    `theta` (--theta): fuzzy neighbours are token pairs with normalised edit distance
+    nd(a, b) = levenshtein(a, b) / (len(a) + len(b)) < theta; nd lies in [0, 1], so theta must be in (0, 1].
+    `workers` (--workers): worker processes, >= 1; None = all cores. Bad values raise ValueError naming the flag,
+    before anything is read or written."""
+    check_build_args(align, theta, workers, batch_sequences)
+    opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers if workers is not None else max(1, os.cpu_count() or 1))
     tstore = TeacherStore(store)
     teacher_json = tstore.tokenizer_json()
     if teacher_json is None:
@@ -365,7 +416,6 @@ def build_map(
     maps_path = str(cache / "vocab-maps" / vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts))
     shards = tstore.reader.shards
     starts = tstore.reader._shard_starts
-    total = Diagnostics()
     computed = False
     t0 = time.time()
     pool = None
@@ -388,32 +438,41 @@ def build_map(
         else:
             results = pool.map(_map_range, chunks)
         bar = _progress(len(todo), f"build-map shard {si}", progress)
-        for seqs, diag, skipped in results:
+        for seqs, skipped in results:
             for s in seqs:
                 writer.add(s)
             for i, reason in skipped:
                 writer.skip(i, reason)
             writer.commit()
-            total.merge(diag)
             bar.update(len(seqs) + len(skipped))
         bar.close()
-        writer.close(extra_entry={"diagnostics": total.to_json()})
+        writer.close()  # the shard entry gets the summed per-sequence diagnostics (report_totals)
     if pool is not None:
         pool.shutdown()
     report = _final_report(out, store, tstore, maps, opts, time.time() - t0, computed)
     return BuildResult(url=out, key=key, report=report, computed=computed)
 
 
+def recount_diagnostics(mstore: MapStore, tstore: TeacherStore, maps: VocabMaps) -> Diagnostics:
+    """Diagnostics recounted from both stores (range reads): for map stores whose shards carry no
+    ``report_totals``, and the reference the stored totals are tested against."""
+    diag = Diagnostics()
+    r = mstore.reader
+    index = [int(i) for s in range(len(r.shards)) for i in r.table(s).column("teacher_index").to_pylist()]
+    for seq, t in zip(mstore, tstore.sequences(index)):
+        diag.add(seq, t, maps)
+    return diag
+
+
 def _final_report(out: str, store: str, tstore: TeacherStore, maps: VocabMaps, opts: BuildOptions, wall: float, computed: bool) -> dict[str, Any]:
-    """Diagnostics over the whole map store (recomputed from the stores so a resumed build reports everything)."""
+    """Diagnostics over the whole map store: the sum of its shards' ``report_totals``, which cover every sequence
+    of a shard however many runs wrote it, so a resumed build reports everything without reading the stores again
+    (older map stores without them are recounted)."""
     loc = Location(out)
     if loc.exists("report.json") and not computed:
         return loc.read_json("report.json")
     mstore = MapStore(out)
-    diag = Diagnostics()
-    for i in range(len(mstore)):
-        seq = mstore[i]
-        diag.add(seq, tstore[seq.teacher_index], maps)
+    diag = Diagnostics.from_shards(mstore.reader.shards) or recount_diagnostics(mstore, tstore, maps)
     report = {
         **diag.to_json(),
         "alignment": opts.align,

@@ -36,16 +36,52 @@ FIELDS = {
     "loss_mask": FieldSpec("bool", (), (blosc_zstd(),)),
 }
 
+_ROW_FIELDS = [
+    pa.field("seq_id", pa.string()),
+    pa.field("teacher_index", pa.int64()),  # global index of the sequence in the teacher store
+    pa.field("text_sha256", pa.string()),  # must equal the teacher store's row
+    pa.field("n_teacher_tokens", pa.int64()),
+    pa.field("n_aligned", pa.int64()),
+    pa.field("n_response_positions", pa.int64()),
+]
+
+#: Each sequence's share of report.json, kept in its row of sequences.parquet (null where a build did not compute
+#: it): the report is then a sum over the Parquet tables (see `report_totals`), for a resumed build too, instead
+#: of a second pass over both stores. The kind counts are per `KIND_NAMES`; the masses are teacher top-k
+#: probability mass on the aligned rows, split by how the top-k ids map to the student (exact / fuzzy / none).
+DIAG_KINDS = {name: f"diag_kind_{name.replace('-', '_')}" for name in KIND_NAMES.values()}
+DIAG_MASSES = {name: f"diag_{name}" for name in ("mass_total", "mass_exact", "mass_fuzzy", "mass_none", "tail_mass")}
 ROW_SCHEMA = pa.schema(
-    [
-        pa.field("seq_id", pa.string()),
-        pa.field("teacher_index", pa.int64()),  # global index of the sequence in the teacher store
-        pa.field("text_sha256", pa.string()),  # must equal the teacher store's row
-        pa.field("n_teacher_tokens", pa.int64()),
-        pa.field("n_aligned", pa.int64()),
-        pa.field("n_response_positions", pa.int64()),
-    ]
+    [*_ROW_FIELDS, *(pa.field(c, pa.int64()) for c in DIAG_KINDS.values()), *(pa.field(c, pa.float64()) for c in DIAG_MASSES.values())]
 )
+
+
+def _sequential_sum(values: list[float]) -> float:
+    """Left-to-right float sum: the order a running total over the sequences would add them in."""
+    acc = 0.0
+    for v in values:
+        acc += v
+    return acc
+
+
+def report_totals(table: pa.Table) -> dict[str, Any] | None:
+    """Unrounded, summable report totals of the sequences in a map shard's row table (`cdm.mapping.build.Diagnostics`
+    fields), or None when some row lacks its diagnostics (a shard written by an older cdm)."""
+    cols = [*DIAG_KINDS.values(), *DIAG_MASSES.values()]
+    if table.num_rows and any(c not in table.column_names or table.column(c).null_count for c in cols):
+        return None
+
+    def ints(c: str) -> int:
+        return int(np.asarray(table.column(c).to_numpy(), dtype=np.int64).sum()) if table.num_rows else 0
+
+    return {
+        "sequences": int(table.num_rows),
+        "student_tokens": ints("n_student_tokens"),
+        "response_positions": ints("n_response_positions"),
+        "aligned": ints("n_aligned"),
+        "kinds": {name: ints(c) for name, c in DIAG_KINDS.items()},
+        **{name: _sequential_sum(table.column(c).to_pylist()) if table.num_rows else 0.0 for name, c in DIAG_MASSES.items()},
+    }
 
 
 @dataclass
@@ -148,8 +184,15 @@ class MapStoreWriter:
         storage_options: dict[str, Any] | None = None,
     ):
         base = {"format": FORMAT, "version": VERSION, "key": key, "num_shards": int(num_shards), **manifest}
+        loc = Location(url, storage_options)
+        existing = read_manifest(loc)
+        if existing is not None and existing.get("format") == FORMAT and existing.get("key") != key:
+            raise StoreError(
+                f"{loc.url}: holds a map store {map_difference(existing, base)} (its key {existing.get('key')}, this "
+                f"build's {key}); choose another --out or delete it"
+            )
         self._w = RaggedShardWriter(
-            url, base=base, fields=FIELDS, row_schema=ROW_SCHEMA, shard_index=shard_index,
+            loc, base=base, fields=FIELDS, row_schema=ROW_SCHEMA, shard_index=shard_index,
             chunk_rows=chunk_rows, commit_rows=commit_tokens, count_column="n_student_tokens",
             storage_options=storage_options,
         )
@@ -186,6 +229,8 @@ class MapStoreWriter:
             "n_aligned": int((tr >= 0).sum()),
             "n_response_positions": int(np.asarray(seq.loss_mask).sum()),
         }
+        diag = seq.extra.get("diagnostics") or {}
+        row.update({c: diag.get(c) for c in (*DIAG_KINDS.values(), *DIAG_MASSES.values())})
         self._w.add(arrays, row, done_key=int(seq.teacher_index))
 
     def skip(self, teacher_index: int, reason: str) -> None:
@@ -195,7 +240,38 @@ class MapStoreWriter:
         self._w.commit()
 
     def close(self, extra_entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._w.close(extra_entry)
+        """Finish the shard; its entry gets ``report_totals`` (`report_totals` of all its sequences, including
+        those committed by an interrupted earlier run), so the final report needs no pass over the stores."""
+        return self._w.close(extra_entry, entry_from_rows=lambda table: {"report_totals": report_totals(table)})
+
+
+def _short(h: Any) -> str:
+    return f"{h[:12]}…" if isinstance(h, str) and len(h) > 12 else str(h)
+
+
+def map_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What makes the map store of manifest `old` another map than the one `new` describes, in the user's terms:
+    the teacher store, the student tokenizer (hash or roles) and/or the build settings, e.g.
+    ``for student tokenizer /a/tok (hash 697aa8769879…), not /b/tok (hash 1d2c…)``."""
+    parts = []
+    ot, nt = old.get("teacher_store") or {}, new.get("teacher_store") or {}
+    if ot.get("key") != nt.get("key"):
+        parts.append(f"of teacher store {_short(ot.get('key'))} ({ot.get('url')}), not {_short(nt.get('key'))} ({nt.get('url')})")
+    os_, ns = old.get("student") or {}, new.get("student") or {}
+    if os_.get("tokenizer_hash") != ns.get("tokenizer_hash") or os_.get("roles") != ns.get("roles"):
+        what = "hash" if os_.get("tokenizer_hash") != ns.get("tokenizer_hash") else "special-token roles"
+        o_id = _short(os_.get("tokenizer_hash")) if what == "hash" else os_.get("roles")
+        n_id = _short(ns.get("tokenizer_hash")) if what == "hash" else ns.get("roles")
+        parts.append(f"for student tokenizer {os_.get('tokenizer')} ({what} {o_id}), not {ns.get('tokenizer')} ({what} {n_id})")
+    settings = (("--align", (old.get("alignment") or {}).get("mode"), (new.get("alignment") or {}).get("mode")),
+                ("--theta", old.get("theta"), new.get("theta")),
+                ("--space-insensitive", old.get("space_insensitive"), new.get("space_insensitive")))
+    changed = [f"{flag} {o} (this build: {n})" for flag, o, n in settings if o != n]
+    if changed:
+        parts.append("built with " + ", ".join(changed))
+    if not parts:
+        return "built by another cdm version or with other settings"
+    return "; ".join(parts)
 
 
 class MapStore:

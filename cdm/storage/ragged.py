@@ -30,7 +30,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -507,8 +507,15 @@ class RaggedShardWriter:
         self._buf_rows, self._buf_skips, self._buf_n = [], [], 0
         self.loc.remove(self.shard, WRITING, old_tail)  # absent when the last commit left no tail
 
-    def close(self, extra_entry: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Finish the shard: flush the tail, write seq_offsets and sequences.parquet, digest, publish."""
+    def close(
+        self,
+        extra_entry: dict[str, Any] | None = None,
+        entry_from_rows: Callable[[pa.Table], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Finish the shard: flush the tail, write seq_offsets and sequences.parquet, digest, publish.
+
+        `entry_from_rows`: computes more entry fields from the shard's whole row table (every sequence of the
+        shard, including those committed by an earlier, interrupted writer), e.g. summed per-sequence statistics."""
         if self.complete:
             return reconcile_manifest(self.loc, self.base)
         self.commit()
@@ -517,7 +524,10 @@ class RaggedShardWriter:
             _write_concurrently({name: (arr, st.rows_in_zarr, self._tail[name]) for name, arr in self._arrays.items()})
         tables = [pq.read_table(io.BytesIO(raw))  # type: ignore[arg-type]
                   for raw in self.loc.read_many([(self.shard, WRITING, p) for p in st.parts or []])]
-        table = pa.concat_tables(tables) if tables else self.row_schema.empty_table()
+        # parts written by an older cdm may lack newer (nullable) columns: promote, then order as the schema says
+        table = pa.concat_tables(tables, promote_options="default") if tables else self.row_schema.empty_table()
+        if table.schema != self.row_schema and set(self.row_schema.names) <= set(table.column_names):
+            table = table.select(self.row_schema.names).cast(self.row_schema)
         offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
         np.cumsum(np.asarray(table.column(self.count_column).to_numpy(zero_copy_only=False), dtype=np.int64), out=offsets[1:])
         if offsets[-1] != st.rows_in_zarr + st.tail_rows:
@@ -552,6 +562,7 @@ class RaggedShardWriter:
             "skipped": st.skipped or [],
             "skipped_by_reason": skipped,
             "finished": _now(),
+            **(entry_from_rows(table) if entry_from_rows is not None else {}),
             **(extra_entry or {}),
         }
         self.loc.write_json(entry, "shards", self.shard + ".json")
@@ -586,7 +597,8 @@ class RaggedStoreReader:
             done = sum(s.get("state") == "complete" for s in self.manifest["shards"])
             raise StoreError(
                 f"{self.loc.url}: store is incomplete ({done}/{len(self.manifest['shards'])} shards complete); "
-                "finish the writers or pass allow_incomplete"
+                "finish writing it first: rerun the command that writes it (Python API: allow_incomplete=True reads "
+                "the complete shards only)"
             )
         self.shards = [s for s in self.manifest["shards"] if s.get("state") == "complete"]
         self.field_names = list(self.manifest["fields"])

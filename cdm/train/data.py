@@ -57,17 +57,23 @@ class LoaderConfig:
     uld: bool = False  # gather index-paired teacher response rows (ULD baseline)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_length < 2 or self.block_size < 1 or self.window_blocks < 1:
-            raise ValueError("batch_size, block_size and window_blocks must be >= 1 and max_length >= 2")
-        if self.pad_multiple < 1:
-            raise ValueError(f"pad_multiple must be >= 1; got {self.pad_multiple}")
+        """Refuse values that cannot make batches; each message names the `cdm train` flag (pad_multiple has none)."""
+        for flag, value, low in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 2),
+                                 ("--block-size", self.block_size, 1), ("--window-blocks", self.window_blocks, 1),
+                                 ("pad_multiple", self.pad_multiple, 1)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low} (got {value})")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1 (got {self.max_tokens})")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0 (got {self.seed})")
         if self.max_tokens is not None and self.max_tokens < _round_up(self.max_length, self.pad_multiple):
             raise ValueError(
                 f"max_tokens ({self.max_tokens}) must hold one sequence of max_length ({self.max_length}, padded to a "
                 f"multiple of {self.pad_multiple}); raise --max-tokens or lower --max-length"
             )
         if self.kd_topk is not None and self.kd_topk < 1:
-            raise ValueError(f"kd_topk must be >= 1; got {self.kd_topk}")
+            raise ValueError(f"--kd-topk must be >= 1 (got {self.kd_topk})")
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -369,6 +375,8 @@ class Batch:
         return {
             "ce": int((self.labels != IGNORE_INDEX).sum()),
             "kd": int(self.kd_pos.numel()),
+            # aligned rows that also carry a CE label (a sequence's last row predicts nothing): aligned_share's numerator
+            "kd_labelled": int((self.labels.reshape(-1)[self.kd_pos] != IGNORE_INDEX).sum()),
             "dual": int(self.dual_pos.numel()),
             "uld": int(self.uld_pos.numel()),
             "tokens": int(self.attention_mask.sum()),

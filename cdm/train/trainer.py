@@ -32,7 +32,7 @@ PARTS = ("ce", "kl", "cdm", "mined", "uld")
 KD_PARTS = ("kl", "cdm", "mined", "uld")
 #: the rows each part is averaged over (Batch.counts keys)
 PART_ROWS = {"ce": "ce", "kl": "dual", "cdm": "kd", "mined": "ce", "uld": "uld"}
-COUNT_KEYS = ("ce", "kd", "dual", "uld", "tokens", "bytes", "seqs")
+COUNT_KEYS = ("ce", "kd", "kd_labelled", "dual", "uld", "tokens", "bytes", "seqs")
 CDM_STATS = ("mass_exact", "mass_dynamic", "mass_dropped", "mass_tail", "columns", "reverse_columns", "reverse_em_outside")
 
 
@@ -90,6 +90,52 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse nonsense numbers and names up front (CLI and Python API alike); messages name the CLI flag.
+
+        0 keeps its documented meaning where it has one: --grad-clip 0 (no clipping), --save-every 0 (only at the
+        end), --keep-checkpoints 0 (keep all), --eval-every 0 (no evaluation), --eval-sequences 0 (no held-out
+        split), --student-topk 0 (exact matches only), --warmup-steps 0 (no warm-up)."""
+        def need(ok: bool, flag: str, rule: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{flag} must be {rule} (got {value!r})")
+
+        def finite(x: Any) -> bool:
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        need(finite(self.kd_weight) and 0.0 <= self.kd_weight <= 1.0, "--kd-weight", "in [0, 1]", self.kd_weight)
+        if self.weights:
+            for part, w in self.weights.items():
+                need(finite(w) and w >= 0, f"--weights {part}", "a finite number >= 0", w)
+            need(any(w > 0 for w in self.weights.values()), "--weights", "positive for at least one part", self.weights)
+        need(finite(self.temperature) and self.temperature > 0, "--temperature", "> 0", self.temperature)
+        need(self.student_topk is None or self.student_topk >= 0, "--student-topk", ">= 0 (0: exact matches only)",
+             self.student_topk)
+        need(self.theta is None or (finite(self.theta) and 0.0 <= self.theta <= 1.0), "--theta", "in [0, 1]", self.theta)
+        need(finite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
+        need(finite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio", "in [0, 1]",
+             self.min_lr_ratio)
+        need(self.warmup_steps >= 0, "--warmup-steps", ">= 0", self.warmup_steps)
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        need(finite(self.beta1) and 0.0 <= self.beta1 < 1.0, "beta1", "in [0, 1)", self.beta1)
+        need(finite(self.beta2) and 0.0 <= self.beta2 < 1.0, "beta2", "in [0, 1)", self.beta2)
+        need(finite(self.grad_clip) and self.grad_clip >= 0, "--grad-clip", ">= 0 (0: off)", self.grad_clip)
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps", ">= 1", self.max_steps)
+        need(self.epochs is None or (finite(self.epochs) and self.epochs > 0), "--epochs", "> 0", self.epochs)
+        need(self.grad_accum >= 1, "--grad-accum", ">= 1", self.grad_accum)
+        need(self.dtype in ("fp32", "bf16"), "--dtype", "fp32 or bf16", self.dtype)
+        parse_device(self.device)
+        need(self.seed >= 0, "--seed", ">= 0", self.seed)
+        need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
+        need(self.save_every >= 0, "--save-every", ">= 0 (0: only at the end)", self.save_every)
+        need(self.keep_checkpoints >= 0, "--keep-checkpoints", ">= 0 (0: keep all)", self.keep_checkpoints)
+        need(self.eval_every >= 0, "--eval-every", ">= 0 (0: off)", self.eval_every)
+        need(self.eval_sequences >= 0, "--eval-sequences", ">= 0", self.eval_sequences)
+        need(self.log_every >= 1, "--log-every", ">= 1", self.log_every)
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loader"}
@@ -247,6 +293,30 @@ def student_tokenizer_hash(path: str, tokenizer: Any = None) -> str:
     return str(tokenizer_hash(load_tokenizer(path)))
 
 
+def _looks_local(path: str) -> bool:
+    """True when `path` is meant as a local path rather than a Hugging Face hub name: it starts with ./ ../ / ~
+    (or a drive/separator), or its first component exists here (e.g. runs/x when ./runs exists)."""
+    if path.startswith(("./", "../", "/", "~", ".\\", "..\\")) or path in (".", "..") or os.path.isabs(path):
+        return True
+    first = path.replace("\\", "/").split("/")[0]
+    return "/" in path.replace("\\", "/") and os.path.isdir(first)
+
+
+def _load_from(flag: str, path: str, load: Callable[[str], Any], what: str = "folder") -> Any:
+    """`load(path)` for the option `flag`; a missing local path or a failing load becomes one ConfigError naming the
+    flag and path (instead of transformers' 'Repo id must use alphanumeric chars' traceback). Hub names still load."""
+    local = os.path.expanduser(path)
+    if _looks_local(path) and not os.path.exists(local):
+        raise ConfigError(f"{flag} {path}: no such {what}")
+    try:
+        return load(local if os.path.exists(local) else path)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers reports bad folders/ids as OSError/ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{flag} {path}: cannot load it ({first})") from e
+
+
 def load_student(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """The student model (fp32 weights) and its tokenizer: an HF folder, or a config + tokenizer from scratch."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -254,23 +324,28 @@ def load_student(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     if cfg.student:
         if cfg.student_config or cfg.student_tokenizer:
             raise ConfigError("give either --student or --student-config with --student-tokenizer, not both")
-        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(cfg.student)
+        model = _load_from("--student", cfg.student, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+        tok = _load_from("--student", cfg.student, AutoTokenizer.from_pretrained)
         return model, tok
     if not (cfg.student_config and cfg.student_tokenizer):
         raise ConfigError("no student: give --student DIR, or --student-config and --student-tokenizer")
-    if os.path.isfile(cfg.student_config):
-        with open(cfg.student_config, encoding="utf-8") as f:
-            d = json.load(f)
-        if "model_type" not in d:
-            raise ConfigError(f"{cfg.student_config}: a student config needs a 'model_type' (e.g. \"llama\")")
-        config = AutoConfig.for_model(**d)
+    config_path = os.path.expanduser(cfg.student_config)
+    if os.path.isfile(config_path):
+        def from_file(p: str) -> Any:
+            with open(p, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or "model_type" not in d:
+                raise ConfigError(f"--student-config {cfg.student_config}: a student config needs a 'model_type' (e.g. \"llama\")")
+            return AutoConfig.for_model(**d)
+
+        config = _load_from("--student-config", cfg.student_config, from_file, "file or folder")
     else:
-        config = AutoConfig.from_pretrained(cfg.student_config)
-    if os.path.isfile(cfg.student_tokenizer):
-        tok = PreTrainedTokenizerFast(tokenizer_file=cfg.student_tokenizer)
+        config = _load_from("--student-config", cfg.student_config, AutoConfig.from_pretrained, "file or folder")
+    if os.path.isfile(os.path.expanduser(cfg.student_tokenizer)):
+        tok = _load_from("--student-tokenizer", cfg.student_tokenizer,
+                         lambda p: PreTrainedTokenizerFast(tokenizer_file=p), "file or folder")
     else:
-        tok = AutoTokenizer.from_pretrained(cfg.student_tokenizer)
+        tok = _load_from("--student-tokenizer", cfg.student_tokenizer, AutoTokenizer.from_pretrained, "file or folder")
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model, tok
@@ -283,12 +358,13 @@ def logit_width(model: torch.nn.Module) -> int:
 
 def check_student(model: torch.nn.Module, tok: Any, tok_hash: str, teacher_manifest: dict[str, Any],
                   map_store: MapStore) -> int:
-    """Refuse a student that does not fit the map (tokenizer hash, vocabulary sizes); return its vocabulary size."""
+    """Refuse a student that does not fit the map; return its vocabulary size. The map's provenance (teacher store,
+    student tokenizer hash) is checked first: a student with another tokenizer is that, not a size problem."""
+    map_store.check_pair(teacher_manifest, tok_hash)
     n_tok = len(tok)
     width = logit_width(model)
     if n_tok > width:
         raise ConfigError(f"the student tokenizer has {n_tok} tokens but the model has only {width} logits")
-    map_store.check_pair(teacher_manifest, tok_hash)
     vs = int(map_store.vocab.student_vocab_size)
     if vs != n_tok:
         raise ConfigError(
@@ -324,14 +400,43 @@ class Dist:
             dist.barrier()
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def parse_device(device: str) -> torch.device | None:
+    """`--device` as a torch.device (None for auto); refuses names torch does not know or cdm does not train on."""
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES or (dev.type != "cuda" and dev.index is not None):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
+    return dev
+
+
+def check_device_available(dev: torch.device, flag_value: str) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it."""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {flag_value}: CUDA is not available here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {flag_value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {flag_value}: MPS is not available here; use --device cpu or auto")
+
+
 def setup_dist(device: str) -> Dist:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    parse_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
+    check_device_available(dev, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -397,15 +502,101 @@ def save_checkpoint(out: str, step: int, model: torch.nn.Module, tok: Any, opt: 
     return final
 
 
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """Refuse a resume whose options would change the data stream or the objective."""
-    diffs = [f"loader.{k}: {saved['loader'].get(k)!r} -> {getattr(cfg.loader, k)!r}"
-             for k in STREAM_FIELDS if saved["loader"].get(k) != getattr(cfg.loader, k)]
-    for k in ("loss", "store", "map", "dual_store", "eval_sequences"):
-        if saved.get(k) != getattr(cfg, k):
-            diffs.append(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}")
+#: Objective fields -> the flags that set them (for --resume refusals)
+OBJECTIVE_FLAGS = {"weights": "--loss/--kd-weight/--weights (part weights)", "temperature": "--temperature",
+                   "student_topk": "--student-topk", "theta": "--theta", "tail_bucket": "--tail-bucket",
+                   "reverse": "--reverse", "kl_tail": "--kl-tail"}
+
+
+def run_identity(teacher: Any, map_store: MapStore, dual: Any, objective: Objective, n_eval: int) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint, beyond the loader options: the stores' keys (content
+    identities, so a moved or re-spelled path is the same store and another store at the same path is not), the
+    resolved objective, and the held-out split size. Saved in every checkpoint's trainer state."""
+    return {
+        "stores": {"store": str(teacher.key), "map": str(map_store.manifest.get("key")),
+                   "dual_store": str(dual.key) if dual is not None else None},
+        "objective": {f.name: getattr(objective, f.name) for f in fields(objective)},
+        "held_out": int(n_eval),
+    }
+
+
+def _same_location(a: str | None, b: str | None) -> bool:
+    """Paths compared after normalising (fallback for checkpoints that predate recorded store keys)."""
+    if a is None or b is None:
+        return a == b
+    norm = (lambda u: u.rstrip("/") if "://" in u else os.path.normpath(os.path.abspath(os.path.expanduser(u))))  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig, now: dict[str, Any] | None = None) -> None:
+    """Refuse a resume whose options would change the data stream or the objective, listing every change.
+
+    `saved` is the checkpoint's trainer state (its ``config`` and, when written by this version, the
+    `run_identity` fields); `now` is this run's `run_identity`. Checkpoints without identity fields fall back to
+    comparing normalised paths and the raw loss options."""
+    conf = saved["config"]
+    now = now or {}
+    diffs = [f"loader.{k}: {conf['loader'].get(k)!r} -> {getattr(cfg.loader, k)!r}"
+             for k in STREAM_FIELDS if conf["loader"].get(k) != getattr(cfg.loader, k)]
+    if conf.get("loss") != cfg.loss:
+        diffs.append(f"loss: {conf.get('loss')!r} -> {cfg.loss!r}")
+    flag = {"store": "--store", "map": "--map", "dual_store": "--dual-store"}
+    if "stores" in saved and "stores" in now:
+        for k, name in flag.items():
+            was, is_ = saved["stores"].get(k), now["stores"].get(k)
+            if was != is_:
+                diffs.append(f"{k}: {name} {conf.get(k)!r} (key {was}) -> {getattr(cfg, k)!r} (key {is_})")
+    else:
+        for k in flag:
+            if not _same_location(conf.get(k), getattr(cfg, k)):
+                diffs.append(f"{k}: {conf.get(k)!r} -> {getattr(cfg, k)!r}")
+    if "objective" in saved and "objective" in now:
+        for k, name in OBJECTIVE_FLAGS.items():
+            if k == "weights" and conf.get("loss") != cfg.loss:
+                continue  # already listed as the --loss change
+            was, is_ = saved["objective"].get(k), now["objective"].get(k)
+            if was != is_:
+                diffs.append(f"{k} ({name}): {was!r} -> {is_!r}")
+    else:
+        for k in ("kd_weight", "weights", "temperature", "student_topk", "theta", "tail_bucket", "reverse", "kl_tail"):
+            if k in conf and conf[k] != getattr(cfg, k):
+                diffs.append(f"{k}: {conf[k]!r} -> {getattr(cfg, k)!r}")
+    if "held_out" in saved and "held_out" in now:
+        if saved["held_out"] != now["held_out"]:
+            diffs.append(f"held-out sequences (--eval-sequences, --eval-every): {saved['held_out']} -> {now['held_out']}")
+    elif conf.get("eval_sequences") != cfg.eval_sequences:
+        diffs.append(f"eval_sequences: {conf.get('eval_sequences')!r} -> {cfg.eval_sequences!r}")
     if diffs:
         raise ConfigError("--resume with options that change the data stream or objective: " + "; ".join(diffs))
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse an --out that is an input: a cdm store (its manifest.json names a format), or the folder of --student,
+    --student-config, --student-tokenizer, --store, --map or --dual-store. Train writes checkpoints/ and model/ there."""
+    out = os.path.expanduser(cfg.out)
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ConfigError(f"--out {cfg.out}: is a file, not a folder")
+    manifest = os.path.join(out, "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                fmt = json.load(f).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if isinstance(fmt, str) and fmt:
+            raise ConfigError(f"--out {cfg.out}: holds a {fmt!r} store (manifest.json); train would write its "
+                              "checkpoints and model into it; choose another --out")
+    for flag, path in (("--student", cfg.student), ("--student-config", cfg.student_config),
+                       ("--student-tokenizer", cfg.student_tokenizer), ("--store", cfg.store), ("--map", cfg.map),
+                       ("--dual-store", cfg.dual_store)):
+        if not path or "://" in path:
+            continue
+        local = os.path.expanduser(path)
+        if os.path.isdir(local) and os.path.samefile(local, out):
+            raise ConfigError(f"--out {cfg.out}: is the {flag} folder; train would write its checkpoints and model "
+                              "into it; choose another --out")
 
 
 # ============================================================================================ the loop
@@ -442,33 +633,54 @@ def _say(d: Dist, msg: str) -> None:
         print(f"cdm train: {msg}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class _Where:
+    """How far a run got (read by `run` when it is interrupted)."""
+
+    step: int = 0
+
+
 def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Train the student on the stores as `cfg` says; returns where the final model is. `on_step(step, model)`
-    is called before each optimiser step (tests use it to inject faults)."""
+    is called before each optimiser step (tests use it to inject faults).
+
+    On Ctrl-C (KeyboardInterrupt) it says at which step it stopped and which complete checkpoint a `--resume`
+    continues from, then re-raises (the CLI exits 130)."""
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     d = setup_dist(cfg.device)
+    where = _Where()
     try:
-        return _run(cfg, d, on_step)
+        return _run(cfg, d, on_step, where)
+    except KeyboardInterrupt:
+        ckpts = checkpoint_dirs(os.path.expanduser(cfg.out))
+        if ckpts:
+            _say(d, f"interrupted at step {where.step}; last complete checkpoint: {ckpts[-1]}; "
+                    "rerun with --resume to continue from it")
+        else:
+            _say(d, f"interrupted at step {where.step}; no complete checkpoint yet; rerun the command to start again")
+        raise
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], None] | None) -> TrainResult:
+def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], None] | None,
+         where: _Where | None = None) -> TrainResult:
+    where = where if where is not None else _Where()
+    cfg.validate()  # fields may have been assigned after construction
     autocast = _autocast(cfg.dtype, d.device)
-    if cfg.grad_accum < 1:
-        raise ConfigError(f"--grad-accum must be >= 1; got {cfg.grad_accum}")
     weights = Objective.parse_weights(cfg.loss, cfg.kd_weight, cfg.weights)
     lcfg = replace(cfg.loader, dual="kl" in weights, uld="uld" in weights)
     if "kl" in weights and not cfg.dual_store:
         raise ConfigError("--loss uses 'kl' (same-tokenizer teacher) but no --dual-store was given")
-    os.makedirs(cfg.out, exist_ok=True)
+    check_out(cfg)
 
     # --- stores, student, checks
     stores = D.StoreSet(cfg.store, cfg.map, cfg.dual_store if lcfg.dual else None, cfg.storage_options)
-    teacher, map_store, _ = stores.open()
+    teacher, map_store, dual = stores.open()
     if len(teacher) == 0 or len(map_store) == 0:
         raise D.DataError(f"nothing to train on: the teacher store has {len(teacher)} sequences, the map store {len(map_store)}")
+    os.makedirs(cfg.out, exist_ok=True)
     ckpts = checkpoint_dirs(cfg.out)
     if ckpts and not cfg.resume:
         raise ConfigError(f"{cfg.out} already holds checkpoints ({os.path.basename(ckpts[-1])}); pass --resume or use another --out")
@@ -484,7 +696,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
             tok_hash = json.load(f)["student_tokenizer_hash"]
     else:
         model, tok = load_student(cfg)
-        tok_hash = student_tokenizer_hash(str(cfg.student or cfg.student_tokenizer), tok)
+        tok_hash = student_tokenizer_hash(os.path.expanduser(str(cfg.student or cfg.student_tokenizer)), tok)
     vocab = check_student(model, tok, tok_hash, teacher.manifest, map_store)
     maps = torch_maps(map_store, d.device) if ("cdm" in weights or "mined" in weights) else None
     theta = float(map_store.vocab.theta) if cfg.theta is None else float(cfg.theta)
@@ -506,6 +718,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         if cfg.epochs is None:
             raise ConfigError("give --max-steps or --epochs")
         max_steps = max(1, int(math.ceil(plan.epoch_size(0) * cfg.epochs / micro_per_step)))
+    identity = run_identity(teacher, map_store, dual, objective, n_eval)
+    model_dir = os.path.join(cfg.out, "model")
 
     # --- optimiser, schedule, resume state
     model.to(d.device)
@@ -517,16 +731,25 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
     if resume_from:
         st = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        check_resumable(st["config"], cfg)
+        check_resumable(st, cfg, identity)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, position = int(st["step"]), int(st["position"])
+        where.step = step
         rng_file = os.path.join(resume_from, f"rng-rank{d.rank}.pt")
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
         if d.main:
             log.truncate_after(step)
-        _say(d, f"resumed from {resume_from} at step {step} (stream position {position})")
+        if step >= max_steps:
+            target = f"--max-steps {max_steps}" if cfg.max_steps is not None else f"--epochs {cfg.epochs} ({max_steps} steps)"
+            _say(d, f"already at step {step} >= {target}; nothing to do")
+            done = _finished_model(model_dir, step)
+            if done is not None:
+                d.barrier()
+                return TrainResult(cfg.out, model_dir, step, done.get("last") or {}, done.get("eval"))
+        else:
+            _say(d, f"resumed from {resume_from} at step {step} (stream position {position})")
     else:
         torch.manual_seed(cfg.seed + d.rank)
         if d.main and os.path.exists(log.path):
@@ -547,18 +770,19 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         if not eval_set:
             return None
         res = evaluate(model, eval_set, d.device, autocast, d.rank, d.world, d.all_reduce)
-        if d.main:
-            log.append({"kind": "eval", "step": step, **res})
+        if d.main and not any(r.get("kind") == "eval" and r.get("step") == step for r in log.read()):
+            log.append({"kind": "eval", "step": step, **res})  # once per step, also when a finished run is resumed
         return res
 
     state = lambda: {"step": step, "position": position, "config": cfg.to_json(), "max_steps": max_steps,  # noqa: E731
-                     "student_tokenizer_hash": tok_hash}
-    _say(d, f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
-            f"for {max_steps} steps, loss {weights}, {len(train_idx)} train / {int(held.sum())} held-out sequences, "
-            f"world {d.world}, device {d.device}")
+                     "student_tokenizer_hash": tok_hash, **identity}
+    if step < max_steps:
+        _say(d, f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) "
+                f"for {max_steps} steps, loss {weights}, {len(train_idx)} train / {int(held.sum())} held-out sequences, "
+                f"world {d.world}, device {d.device}")
     last_eval = run_eval() if (not resume_from and eval_set) else None
     bar = None
-    if d.main and cfg.progress:
+    if d.main and cfg.progress and step < max_steps:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_steps, initial=step, desc="cdm train", dynamic_ncols=True)
@@ -571,7 +795,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
             if b.input_ids.numel() and int(b.input_ids.max()) >= width:
                 raise D.DataError(f"student ids up to {int(b.input_ids.max())} in sequences {b.seq_ids[:4]} exceed the model's {width} logits")
         counts = [b.counts for b in micro]
-        local = torch.tensor([[*c.values(), b.n_bytes, len(b.seq_ids)] for b, c in zip(micro, counts)], dtype=torch.float64).sum(0)
+        local = torch.tensor([[*(c[k] for k in COUNT_KEYS[:-2]), b.n_bytes, len(b.seq_ids)] for b, c in zip(micro, counts)],
+                             dtype=torch.float64).sum(0)
         totals = dict(zip(COUNT_KEYS, d.all_reduce(local.to(d.device)).tolist()))
         if on_step is not None:
             on_step(step, model)
@@ -606,6 +831,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        where.step = step
         position += micro_per_step
         now = time.perf_counter()
         rec = _step_record(step, lr, gnorm, reduced, totals, objective, now - t_last)
@@ -628,7 +854,6 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         last_eval = run_eval()
     if not checkpoint_dirs(cfg.out) or int(os.path.basename(checkpoint_dirs(cfg.out)[-1])[5:]) != step:
         save_checkpoint(cfg.out, step, model, tok, opt, sched, state(), d, cfg.keep_checkpoints)
-    model_dir = os.path.join(cfg.out, "model")
     if d.main:
         tmp = model_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -645,9 +870,22 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     return TrainResult(cfg.out, model_dir, step, last, last_eval)
 
 
+def _finished_model(model_dir: str, step: int) -> dict[str, Any] | None:
+    """The final model's `cdm_train.json` when `model_dir` holds the model of exactly `step` steps, else None."""
+    try:
+        with open(os.path.join(model_dir, "cdm_train.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("step") == step else None
+
+
 def _step_record(step: int, lr: float, gnorm: float, reduced: dict[str, float], totals: dict[str, float],
                  objective: Objective, dt: float) -> dict[str, Any]:
-    """One JSONL training record: each part's step mean, the CDM teacher-mass shares, alignment share, speed."""
+    """One JSONL training record: each part's step mean, the CDM teacher-mass shares, alignment share, speed.
+
+    ``aligned_share`` = labelled positions with an aligned teacher row / labelled positions (``kd_labelled`` /
+    ``labelled``); ``kd_rows`` counts every aligned row, labelled or not."""
     rec: dict[str, Any] = {"kind": "train", "step": step, "lr": lr, "loss": reduced["loss"], "grad_norm": gnorm}
     for part in objective.weights:
         n = totals[PART_ROWS[part]]
@@ -655,9 +893,11 @@ def _step_record(step: int, lr: float, gnorm: float, reduced: dict[str, float], 
         for k, v in reduced.items():
             if k.startswith(part + "_"):
                 rec[k] = v / n if n else math.nan
-    rec["aligned_share"] = totals["kd"] / totals["ce"] if totals["ce"] else math.nan
+    # share of CE-labelled positions that also have an aligned teacher row, in [0, 1] (kd_rows also counts each
+    # sequence's last aligned row, which predicts no labelled token, so kd_rows / labelled can exceed 1)
+    rec["aligned_share"] = totals["kd_labelled"] / totals["ce"] if totals["ce"] else math.nan
     rec.update(tokens=int(totals["tokens"]), sequences=int(totals["seqs"]), kd_rows=int(totals["kd"]),
-               labelled=int(totals["ce"]), step_time=dt, tokens_per_s=totals["tokens"] / dt if dt > 0 else math.nan)
+               kd_labelled=int(totals["kd_labelled"]), labelled=int(totals["ce"]), step_time=dt, tokens_per_s=totals["tokens"] / dt if dt > 0 else math.nan)
     return rec
 
 

@@ -107,7 +107,7 @@ def inspect_command(
 
     try:
         typer.echo(inspect_sequence(map_store, seq, store_url=store, top=top, max_rows=max_rows, only_response=not all_positions))
-    except (StoreError, IndexError) as e:
+    except (StoreError, IndexError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -504,3 +504,40 @@ def test_cli_exit_codes(tiny, tmp_path):
     assert r.exit_code == 0 and "sequence 1" in r.output
     r = runner.invoke(app, ["inspect", str(out), "--seq", str(tiny["n"] + 5)])
     assert r.exit_code == 2 and "error" in r.output
+
+
+def test_inspect_refuses_bad_arguments_and_says_how_to_find_a_moved_store(tiny, tmp_path):
+    """--seq -1 is not Python's last sequence, --max-rows 0 and --top -2 are refused; a teacher store that moved
+    gives an error pointing at --store; the kind column holds 'unaligned' without shifting the row."""
+    import shutil
+
+    from cdm.mapping.inspect import inspect_sequence
+
+    out = str(tmp_path / "map")
+    B.build_map(tiny["store"], tiny["student"], out, workers=1, cache_dir=str(tiny["root"] / "cache"), progress=False,
+                log=lambda m: None)
+    n = len(MapStore(out))
+    with pytest.raises(IndexError, match=rf"--seq -1: the map store has {n} sequences"):
+        inspect_sequence(out, -1)
+    with pytest.raises(ValueError, match="--max-rows must be >= 1"):
+        inspect_sequence(out, 0, max_rows=0)
+    with pytest.raises(ValueError, match="--top must be >= 0"):
+        inspect_sequence(out, 0, top=-2)
+    text = inspect_sequence(out, 0, max_rows=1000, only_response=False)
+    header = next(ln for ln in text.splitlines() if ln.split()[:1] == ["j"])
+    col = header.index("t-row")
+    rows = [ln for ln in text.splitlines() if ln.split() and ln.split()[0].isdigit()]
+    assert any(" unaligned " in ln for ln in rows)  # prompt positions shown with --all
+    for ln in rows:  # every row's t-row cell ends where the header's does
+        assert ln[col:col + 5].strip() and ln[col + 5] == " ", (header, ln)
+    moved = str(tmp_path / "moved-store")
+    shutil.copytree(tiny["store"], moved)
+    shutil.move(out, str(tmp_path / "map2"))
+    away = str(tmp_path / "away")
+    shutil.move(tiny["store"], away)
+    try:
+        with pytest.raises(StoreError, match="pass its new location with --store"):
+            inspect_sequence(str(tmp_path / "map2"), 0)
+        assert "sequence 0" in inspect_sequence(str(tmp_path / "map2"), 0, store_url=moved)
+    finally:
+        shutil.move(away, tiny["store"])

@@ -135,3 +135,13 @@ def test_no_progress_silences_the_libraries_and_restores_them():
         with library_progress_bars(False):
             raise RuntimeError("boom")
     assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+
+
+def test_a_worker_with_another_shard_count_is_told_which_one_the_store_has(tmp_path, tiny_teacher):
+    from cdm.storage import StoreError
+
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(6, seed=5))
+    out = str(tmp_path / "store")
+    run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", num_shards=3, shard_index=0, **QUIET)
+    with pytest.raises(StoreError, match="run with --num-shards 3"):
+        run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", num_shards=2, shard_index=1, **QUIET)

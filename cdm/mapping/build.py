@@ -32,6 +32,7 @@ from cdm.mapping.store import (
     VocabMaps,
 )
 from cdm.mapping.tokenizers import encode_with_offsets, load_tokenizer, tokenizer_hash
+from cdm.progress import quiet_libraries_unless_progress
 from cdm.storage.fs import Location
 from cdm.storage.ragged import StoreError
 from cdm.storage.teacher import TeacherSequence, TeacherStore
@@ -361,6 +362,7 @@ class BuildResult:
     computed: bool
 
 
+@quiet_libraries_unless_progress
 def build_map(
     store: str,
     student_tokenizer: str,

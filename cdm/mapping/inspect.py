@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from cdm.mapping.store import KIND_NAMES, MapStore
+from cdm.storage.ragged import StoreError
 from cdm.storage.teacher import TeacherStore
 
 
@@ -21,8 +22,21 @@ def inspect_sequence(map_url: str, seq: int, *, store_url: str | None = None, to
 
     from cdm.mapping.tokenizers import load_tokenizer
 
+    if top < 0:
+        raise ValueError(f"--top must be >= 0, got {top}")
+    if max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
     mstore = MapStore(map_url)
-    tstore = TeacherStore(store_url or mstore.manifest["teacher_store"]["url"])
+    if not 0 <= seq < len(mstore):
+        raise IndexError(f"--seq {seq}: the map store has {len(mstore)} sequences (0..{len(mstore) - 1})")
+    recorded = mstore.manifest["teacher_store"]["url"]
+    try:
+        tstore = TeacherStore(store_url or recorded)
+    except StoreError as e:
+        if store_url:
+            raise
+        raise StoreError(f"the teacher store this map was built from ({recorded}) cannot be opened ({e}); if it "
+                         "moved, pass its new location with --store") from e
     mstore.check_pair(tstore.manifest)
     m = mstore[seq]
     t = tstore[m.teacher_index]
@@ -37,12 +51,14 @@ def inspect_sequence(map_url: str, seq: int, *, store_url: str | None = None, to
     def s_piece(i: int) -> str:
         return s_tok.id_to_token(int(i)) or str(int(i))
 
+    kind_width = max(len(k) for k in KIND_NAMES.values())
     lines = [
         f"sequence {seq}  seq_id {m.seq_id}  teacher index {m.teacher_index}",
         f"teacher tokens {t.n_tokens}, student tokens {len(m.student_ids)}, aligned {(m.teacher_row >= 0).sum()}, "
         f"response chars {np.asarray(t.response_spans).reshape(-1, 2).tolist()}",
         "",
-        f"{'j':>4} {'student token':<16} {'text':<14} {'kind':<5} {'t-row':>5} {'teacher token':<16} top teacher candidates (p -> student: =exact ~fuzzy x none)",
+        f"{'j':>4} {'student token':<16} {'text':<14} {'kind':<{kind_width}} {'t-row':>5} {'teacher token':<16} "
+        "top teacher candidates (p -> student: =exact ~fuzzy x none)",
     ]
     shown = 0
     for j in range(len(m.student_ids)):
@@ -50,7 +66,7 @@ def inspect_sequence(map_url: str, seq: int, *, store_url: str | None = None, to
             continue
         a, b = m.student_spans[j]
         r = int(m.teacher_row[j])
-        cells = [f"{j:>4}", f"{_show(s_piece(m.student_ids[j]), 16):<16}", f"{_show(t.text[a:b], 14):<14}", f"{KIND_NAMES[int(m.align_kind[j])]:<5}"]
+        cells = [f"{j:>4}", f"{_show(s_piece(m.student_ids[j]), 16):<16}", f"{_show(t.text[a:b], 14):<14}", f"{KIND_NAMES[int(m.align_kind[j])]:<{kind_width}}"]
         if r >= 0:
             cells += [f"{r:>5}", f"{_show(t_piece(t.token_ids[r]), 16):<16}"]
             cands = []

@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 import cdm
-from cdm.progress import quiet_libraries_unless_progress
 from cdm.precompute.data import (
     Canonical,
     RecordFormat,
@@ -34,6 +33,7 @@ from cdm.precompute.teacher import (
     resolve_dtype,
     resolve_teacher,
 )
+from cdm.progress import quiet_libraries_unless_progress
 
 BACKENDS = ("hf", "vllm")
 STORES_SUBDIR = "stores"

@@ -336,9 +336,11 @@ class RaggedShardWriter:
                 self.base["fields"] = old_fields
             for name in ("num_shards", "fields", "chunk_rows", "codec", "k", "vocab_size"):
                 if name in self.base and existing.get(name) != self.base[name]:
+                    hint = (f"; every worker of one store needs the same shard count: run with --num-shards "
+                            f"{existing.get(name)} (or another --out)" if name == "num_shards" else "")
                     raise StoreError(
                         f"{self.loc.url}: manifest field {name!r} is {existing.get(name)!r}, this writer needs "
-                        f"{self.base[name]!r}"
+                        f"{self.base[name]!r}{hint}"
                     )
             self.base["created"] = existing.get("created", _now())
         else:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cdm.mapping.store import KIND_1_1, MapStore
+from cdm.progress import library_progress_bars
 from cdm.train import data as D
 from cdm.train.evaluate import evaluate
 from cdm.train.losses import IGNORE_INDEX, VocabMaps, cdm_loss, ce_loss, kl_topk_loss, mined_loss, uld_loss
@@ -650,7 +651,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None
     d = setup_dist(cfg.device)
     where = _Where()
     try:
-        return _run(cfg, d, on_step, where)
+        with library_progress_bars(cfg.progress):  # --no-progress: no transformers/datasets bars either
+            return _run(cfg, d, on_step, where)
     except KeyboardInterrupt:
         ckpts = checkpoint_dirs(os.path.expanduser(cfg.out))
         if ckpts:

@@ -198,3 +198,13 @@ def test_training_lowers_heldout_ce(stores, tmp_path):
     assert evals[-1]["ce"] < evals[0]["ce"] - 0.3
     assert evals[-1]["bpb"] < evals[0]["bpb"]
     assert res.eval == {k: evals[-1][k] for k in ("ce", "bpb", "tokens", "bytes")}
+
+
+def test_a_dual_store_with_another_tokenizer_is_refused_before_training(stores, tmp_path):
+    """The cross-tokenizer teacher store given as --dual-store: refused up front (not at the first batch), and
+    nothing is trained or written."""
+    from cdm.train.trainer import ConfigError
+
+    with pytest.raises(ConfigError, match="--dual-store .* must be precomputed with the student's tokenizer"):
+        run(_cfg(stores, tmp_path, loss="ce+kl", dual_store=stores["store"], max_steps=2, save_every=0, eval_every=0))
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")

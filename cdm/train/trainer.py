@@ -401,6 +401,18 @@ class Dist:
             dist.barrier()
 
 
+def check_dual_store(manifest: dict[str, Any], student_vocab: int, url: str) -> None:
+    """The same-tokenizer teacher store must speak the student's tokenizer: refuse another vocabulary before
+    training starts (token ids are compared sequence by sequence as batches are built, which would only say so
+    at the first batch)."""
+    tok = (manifest.get("teacher") or {}).get("tokenizer") or {}
+    sizes = {int(v) for v in (manifest.get("vocab_size"), tok.get("size")) if v is not None}
+    if sizes and student_vocab not in sizes:
+        raise ConfigError(f"--dual-store {url}: precomputed with a tokenizer of {sorted(sizes)} tokens, but the "
+                          f"student's has {student_vocab}; the dual store must be precomputed with the student's "
+                          "tokenizer (cdm precompute --tokenizer STUDENT_TOKENIZER)")
+
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -700,6 +712,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         model, tok = load_student(cfg)
         tok_hash = student_tokenizer_hash(os.path.expanduser(str(cfg.student or cfg.student_tokenizer)), tok)
     vocab = check_student(model, tok, tok_hash, teacher.manifest, map_store)
+    if dual is not None and lcfg.dual:
+        check_dual_store(dual.manifest, vocab, cfg.dual_store or "")
     maps = torch_maps(map_store, d.device) if ("cdm" in weights or "mined" in weights) else None
     theta = float(map_store.vocab.theta) if cfg.theta is None else float(cfg.theta)
     if theta > float(map_store.vocab.theta) + 1e-9:

@@ -26,7 +26,7 @@ QUIET = {"progress": False, "echo": lambda s: None}
     ({"limit": -3}, "--limit must be >= 1"),
     ({"limit": 0}, "--limit must be >= 1"),
     ({"id_table": -1}, "--id-table must be >= 0"),
-    ({"device": "bogus"}, "--device must be auto, cpu, cuda or cuda:N"),
+    ({"device": "bogus"}, "--device must be auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, options, message):
     """A typo must not leave a store behind whose key blocks the corrected command: nothing is written at --out."""
@@ -42,8 +42,9 @@ def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, o
 def test_device_checks():
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") in ("cpu", "cuda")
-    with pytest.raises(ValueError, match="--device must be"):
-        resolve_device("gpu0")
+    for bad in ("gpu0", "meta", "cpu:0", "xla"):  # what train refuses too; meta/xla would fail mid-run
+        with pytest.raises(ValueError, match="--device must be auto, cpu, cuda, cuda:N or mps"):
+            resolve_device(bad)
     import torch
 
     if not torch.cuda.is_available():
@@ -54,16 +55,32 @@ def test_device_checks():
 def test_a_run_that_stores_nothing_fails_and_names_the_skipped_rows(tmp_path, tiny_teacher):
     """Every row skipped (here: a field that is not text) is an error with the reasons and the rows, also when the
     command is run again on the complete, empty store; the CLI exits 2 with one `error:` line."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": ["a", "list"]} for _ in range(3)])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": ["a", "list"], "body": f"row {i} text"} for i in range(3)])
     out = str(tmp_path / "store")
     for _ in range(2):
-        with pytest.raises(ValueError, match=r"no sequence was stored: every input row was skipped .*source rows 0, 1, 2"
-                           if _ == 0 else "no sequence was stored: every input row was skipped"):
+        with pytest.raises(ValueError, match=r"no sequence was stored \(the empty store was removed\): every input "
+                           r"row was skipped .*source rows 0, 1, 2"):
             run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", **QUIET)
+        assert not (tmp_path / "store").exists()  # its key would block the corrected command at this --out
     r = CliRunner().invoke(app, ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--out", out,
                                  "--text-field", "text", "--top-k", "4", "--no-progress"])
     assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
     assert "--text-field" in r.output
+    run(str(tiny_teacher), str(data), out, top_k=4, text_field="body", **QUIET)  # the corrected command
+    assert len(TeacherStore(out)) == 3
+
+
+def test_an_empty_store_beside_user_files_is_kept(tmp_path, tiny_teacher):
+    """Only a folder holding nothing but a store's own files is removed."""
+    from cdm.precompute.run import _remove_empty_store
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}])
+    out = tmp_path / "store"
+    with pytest.raises(ValueError, match="empty store was removed"):
+        run(str(tiny_teacher), str(data), str(out), top_k=4, text_field="text", **QUIET)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert not _remove_empty_store(str(out)) and (out / "notes.txt").exists()
 
 
 def test_skipped_rows_are_named_in_the_report(tmp_path, tiny_teacher):

@@ -66,6 +66,7 @@ def test_missing_student_paths_name_the_flag(stores, tmp_path, monkeypatch):
         res = _cli(_base_args(stores, tmp_path / f"o{i}") + extra)
         assert res.exit_code == 2, res.output
         assert f"error: {msg}" in res.output and "Traceback" not in res.output
+        assert not (tmp_path / f"o{i}").exists()  # a refused run leaves no empty --out behind
     # a hub-style name that cannot be loaded (offline here) is one error naming the flag, not a traceback
     with pytest.raises(ConfigError, match="--student cdm-test/not-a-model: cannot load it"):
         run(_cfg(stores, tmp_path / "hub", student="cdm-test/not-a-model"))
@@ -306,3 +307,10 @@ def test_keep_checkpoints_help_says_zero_keeps_all():
     res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"})
     text = " ".join(res.output.split())
     assert "0: keep every checkpoint" in text and "cuda:N" in text
+
+
+def test_a_max_length_that_cuts_every_response_is_an_error(stores, tmp_path):
+    """--max-length 2 keeps only prompt positions here: nothing to learn from, said at the first step instead of
+    training on zero positions with a NaN evaluation."""
+    with pytest.raises(D.DataError, match="hold no labelled position .* --max-length 2"):
+        run(_cfg(stores, tmp_path / "o", loader=D.LoaderConfig(batch_size=2, max_length=2)))

@@ -326,21 +326,44 @@ def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batc
 
 def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, Any]) -> None:
     """A complete store without a single sequence is a mistake (a wrong field, a --max-length below every row, all
-    rows empty): say so with the skip reasons instead of reporting success. The store stays: it records the skips."""
+    rows empty): say so with the skip reasons instead of reporting success, and remove the empty store (it holds no
+    data, and its key would block the corrected command at the same --out)."""
     if int(manifest.get("totals", {}).get("sequences", 0)):
         return
+    removed = _remove_empty_store(url)
     skipped: dict[str, int] = {}
     for s in manifest.get("shards", []):
         for reason, count in (s.get("skipped_by_reason") or {}).items():
             skipped[reason] = skipped.get(reason, 0) + int(count)
     examples = "; ".join(f"{reason}: source rows {', '.join(map(str, rows))}"
                          for reason, rows in sorted((stats.get("skipped_rows") or {}).items()))
+    gone = " (the empty store was removed)" if removed else ""
     if not skipped:
-        raise ValueError(f"{url}: no sequence was stored: the data has no rows (--data, --split, --limit)")
-    raise ValueError(f"{url}: no sequence was stored: every input row was skipped "
+        raise ValueError(f"{url}: no sequence was stored{gone}: the data has no rows (--data, --split, --limit)")
+    raise ValueError(f"{url}: no sequence was stored{gone}: every input row was skipped "
                      f"({dict(sorted(skipped.items()))}){'; ' + examples if examples else ''}. "
                      "Check the record fields (--text-field / --prompt-field / --response-field / --messages-field), "
                      "--max-length and --truncation")
+
+
+STORE_ENTRIES = ("manifest.json", "tokenizer.json", "shards")  # plus shard-NNNNN folders
+
+
+def _remove_empty_store(url: str) -> bool:
+    """Delete the store at `url` if it only holds a store's own files (never anything a user put beside them);
+    True if it was removed. Called only for a complete store with no sequence."""
+    from cdm.storage.fs import Location
+
+    loc = Location(url)
+    entries = loc.listdir()
+    if not entries or any(e not in STORE_ENTRIES and not e.startswith("shard-") for e in entries):
+        return False
+    loc.remove("manifest.json")  # first: a half-removed folder is then not mistaken for a store
+    for e in entries:
+        loc.remove(e, recursive=True)
+    if loc.is_local and not os.listdir(loc.path()):
+        os.rmdir(loc.path())
+    return True
 
 
 def identity(source: Any, tok: Any, template: str | None, fmt: RecordFormat, paths: Sequence[str], split: str,

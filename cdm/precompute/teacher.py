@@ -113,8 +113,9 @@ def resolve_device(device: str, flag: str = "--device") -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{flag} must be auto, cpu, cuda or cuda:N (or another torch device type), got {device!r}") \
-            from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index is not None):
+        raise ValueError(f"{flag} must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

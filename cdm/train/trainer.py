@@ -562,7 +562,8 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, now: dict[str, Any]
     else:
         for k in flag:
             if not _same_location(conf.get(k), getattr(cfg, k)):
-                diffs.append(f"{k}: {conf.get(k)!r} -> {getattr(cfg, k)!r}")
+                diffs.append(f"{k}: {conf.get(k)!r} -> {getattr(cfg, k)!r} (this checkpoint predates recorded "
+                             "store keys: give the paths it was started with, from the folder it was started in)")
     if "objective" in saved and "objective" in now:
         for k, name in OBJECTIVE_FLAGS.items():
             if k == "weights" and conf.get("loss") != cfg.loss:
@@ -694,7 +695,6 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     teacher, map_store, dual = stores.open()
     if len(teacher) == 0 or len(map_store) == 0:
         raise D.DataError(f"nothing to train on: the teacher store has {len(teacher)} sequences, the map store {len(map_store)}")
-    os.makedirs(cfg.out, exist_ok=True)
     ckpts = checkpoint_dirs(cfg.out)
     if ckpts and not cfg.resume:
         raise ConfigError(f"{cfg.out} already holds checkpoints ({os.path.basename(ckpts[-1])}); pass --resume or use another --out")
@@ -719,6 +719,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     if theta > float(map_store.vocab.theta) + 1e-9:
         raise ConfigError(f"--theta {theta} exceeds the map store's θ {map_store.vocab.theta}: its fuzzy table lacks those pairs")
     objective = Objective(weights, cfg.temperature, cfg.student_topk, theta, cfg.tail_bucket, cfg.reverse, cfg.kl_tail)
+    os.makedirs(cfg.out, exist_ok=True)  # only now: a refused run leaves no empty --out behind
 
     # --- data: held-out split, blocks, stream
     table = D.sequence_table(map_store)
@@ -805,6 +806,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     last: dict[str, Any] = {}
     last_ckpt = resume_from
     t_last = time.perf_counter()
+    first_step = step
     while step < max_steps:
         micro = [next(loader) for _ in range(cfg.grad_accum)]
         for b in micro:
@@ -814,6 +816,11 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
         local = torch.tensor([[*(c[k] for k in COUNT_KEYS[:-2]), b.n_bytes, len(b.seq_ids)] for b, c in zip(micro, counts)],
                              dtype=torch.float64).sum(0)
         totals = dict(zip(COUNT_KEYS, d.all_reduce(local.to(d.device)).tolist()))
+        if step == first_step and not any(totals[k] for k in ("ce", "kd", "dual", "uld")):
+            raise D.DataError(  # same totals on every rank: all of them stop here
+                f"the first step's batches ({int(totals['seqs'])} sequences, {int(totals['tokens'])} tokens) hold no "
+                f"labelled position and no aligned teacher row: do the responses start past --max-length "
+                f"{lcfg.max_length}? Raise --max-length")
         if on_step is not None:
             on_step(step, model)
         sums: dict[str, torch.Tensor] = {}

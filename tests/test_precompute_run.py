@@ -225,8 +225,10 @@ def test_resolve_shard_from_flags_torchrun_and_slurm():
     assert resolve_shard(4, 2, {"WORLD_SIZE": "8", "RANK": "3"}) == (4, 2)
     assert resolve_shard(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
                                       "SLURM_ARRAY_TASK_MIN": "4"}) == (5, 3)
-    with pytest.raises(ValueError, match="shard-index 4"):
+    with pytest.raises(ValueError, match=r"shard index 4 must be in \[0, 4\) \(shards from --num-shards / --shard-index"):
         resolve_shard(4, 4, {})
+    with pytest.raises(ValueError, match=r"shard index 5 .* \$WORLD_SIZE / \$RANK"):
+        resolve_shard(None, None, {"WORLD_SIZE": "2", "RANK": "5"})
 
 
 def test_id_table_codec_round_trips_and_is_shared_by_shards(tmp_path, tiny_teacher):

@@ -314,3 +314,19 @@ def test_a_max_length_that_cuts_every_response_is_an_error(stores, tmp_path):
     training on zero positions with a NaN evaluation."""
     with pytest.raises(D.DataError, match="hold no labelled position .* --max-length 2"):
         run(_cfg(stores, tmp_path / "o", loader=D.LoaderConfig(batch_size=2, max_length=2)))
+
+
+def test_a_store_that_cannot_be_opened_is_named_by_its_flag(stores, tmp_path):
+    with pytest.raises(StoreError, match=r"^--map: .*none"):
+        run(_cfg(stores, tmp_path / "o", map=str(tmp_path / "none")))
+    damaged = tmp_path / "map-copy"
+    shutil.copytree(stores["map"], damaged)
+    zjson = next(p for p in sorted(damaged.rglob("zarr.json")))
+    size = zjson.stat().st_size
+    zjson.write_bytes(b"\x9c\x00not json")  # another size: the open-time size check names the shard
+    with pytest.raises(StoreError, match=r"^--map: .*size changed .*zarr.json.*corrupt"):
+        run(_cfg(stores, tmp_path / "o2", map=str(damaged)))
+    zjson.write_bytes((b"\x9c" * size)[:size])  # same size, not JSON: a read error naming the flag and cdm verify
+    with pytest.raises(StoreError, match=r"cannot open the arrays of shard-00000 .*run cdm verify"):
+        run(_cfg(stores, tmp_path / "o2", map=str(damaged)))
+    assert not (tmp_path / "o").exists()

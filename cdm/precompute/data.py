@@ -280,6 +280,9 @@ def load_records(paths: Sequence[str], *, split: str = "train", cache_dir: str |
             if bad:
                 raise DataError(f"{p}: line {bad[0]} holds bytes that are not UTF-8 (byte {bad[1]} of the line); "
                                 "fix or re-encode the file")
+    verbosity = datasets.logging.get_verbosity()
+    if builder == "json":  # its own "Failed to load JSON ... in row N" line is replaced by the DataError below
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=list(paths), split="train", cache_dir=cache_dir)
     except Exception as e:
@@ -290,6 +293,8 @@ def load_records(paths: Sequence[str], *, split: str = "train", cache_dir: str |
                     raise DataError(f"{p}: {problem}") from e
         cause = e.__cause__ or e
         raise DataError(f"could not read {list(paths)} as {builder}: {type(cause).__name__}: {cause}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _first_json_problem(path: str) -> str | None:

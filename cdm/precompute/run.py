@@ -59,16 +59,19 @@ def default_memory_budget_mb(memory_budget_mb: int | None, device: str) -> int:
 def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """(num_shards, shard_index) from the arguments, else torchrun's WORLD_SIZE/RANK, else a SLURM array, else (1, 0)."""
     env = os.environ if env is None else env
+    source = "--num-shards / --shard-index"
     if num_shards is None and shard_index is None:
         if "WORLD_SIZE" in env and "RANK" in env:
             num_shards, shard_index = int(env["WORLD_SIZE"]), int(env["RANK"])
+            source = "$WORLD_SIZE / $RANK"
         elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
             num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
             shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            source = "$SLURM_ARRAY_TASK_COUNT / $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN"
     num_shards = 1 if num_shards is None else int(num_shards)
     shard_index = 0 if shard_index is None else int(shard_index)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards {num_shards})")
+        raise ValueError(f"shard index {shard_index} must be in [0, {num_shards}) (shards from {source})")
     return num_shards, shard_index
 
 

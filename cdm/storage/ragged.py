@@ -650,8 +650,13 @@ class RaggedStoreReader:
         if self._pid != os.getpid():  # fresh handles after fork (DataLoader workers)
             self._handles, self._pid = {}, os.getpid()
         if s not in self._handles:
-            group = zarr.open_group(store=self.loc.zarr_store(self.shards[s]["path"], ZARR_GROUP, read_only=True), mode="r")
-            self._handles[s] = {name: group[name] for name in [*self.field_names, "seq_offsets"]}
+            path = self.shards[s]["path"]
+            try:
+                group = zarr.open_group(store=self.loc.zarr_store(path, ZARR_GROUP, read_only=True), mode="r")
+                self._handles[s] = {name: group[name] for name in [*self.field_names, "seq_offsets"]}
+            except (ValueError, KeyError, OSError) as e:  # e.g. a damaged zarr.json of the same size
+                raise StoreError(f"{self.loc.url}: cannot open the arrays of {path} ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); the shard is damaged: run cdm verify {self.loc.url}") from e
         return self._handles[s]
 
     def offsets(self, s: int) -> np.ndarray:

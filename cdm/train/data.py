@@ -468,9 +468,19 @@ class StoreSet:
 
     def open(self) -> tuple[TeacherStore, MapStore, TeacherStore | None]:
         so = self.storage_options
-        teacher = TeacherStore(self.teacher_url, storage_options=so)
-        mp = MapStore(self.map_url, storage_options=so)
-        dual = TeacherStore(self.dual_url, storage_options=so) if self.dual_url else None
+
+        def opened(flag: str, kind: Any, url: str) -> Any:
+            try:
+                return kind(url, storage_options=so)
+            except StoreError as e:  # say which option named the store that cannot be opened
+                raise StoreError(f"{flag}: {e}") from e
+            except (OSError, ValueError) as e:  # a damaged file (e.g. a zarr.json that is not JSON)
+                raise StoreError(f"{flag} {url}: cannot be read ({type(e).__name__}: {e}); run cdm verify {url}") \
+                    from e
+
+        teacher = opened("--store", TeacherStore, self.teacher_url)
+        mp = opened("--map", MapStore, self.map_url)
+        dual = opened("--dual-store", TeacherStore, self.dual_url) if self.dual_url else None
         return teacher, mp, dual
 
 

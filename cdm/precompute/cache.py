@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cdm.precompute.run import STORES_SUBDIR, default_cache_dir
+from cdm.precompute.run import STORES_SUBDIR, default_cache_dir, human_bytes
 
 
 @dataclass
@@ -63,6 +63,6 @@ def format_stores(stores: list[CachedStore]) -> str:
     lines = []
     for s in stores:
         state = "complete" if s.complete else "partial"
-        lines.append(f"{s.path}\n  {state}  {s.sequences} seqs  {s.tokens} tokens  {s.bytes / 2**20:.1f} MiB  "
+        lines.append(f"{s.path}\n  {state}  {s.sequences} seqs  {s.tokens} tokens  {human_bytes(s.bytes)} on disk  "
                      f"k={s.k}  {s.backend}  created {s.created}\n  teacher {s.teacher}\n  data    {', '.join(s.data)}")
     return "\n".join(lines)

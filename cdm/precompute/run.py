@@ -95,12 +95,13 @@ class PrecomputeResult:
     report: str = ""
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+def human_bytes(n: float) -> str:
+    """Binary units, as `cdm ls` and `cdm info` print them (1 KiB = 1024 B)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 def store_summary(manifest: Mapping[str, Any], url: str) -> str:
@@ -125,7 +126,7 @@ def store_summary(manifest: Mapping[str, Any], url: str) -> str:
         + (f", skipped {sum(skipped.values())} {dict(sorted(skipped.items()))}" if skipped else ""),
     ]
     if tokens_done:
-        lines.append(f"size       {_human_bytes(nbytes)} on disk, {nbytes / tokens_done:.1f} bytes/token")
+        lines.append(f"size       {human_bytes(nbytes)} in the shards, {nbytes / tokens_done:.1f} bytes/token")
     return "\n".join(lines)
 
 

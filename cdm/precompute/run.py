@@ -362,11 +362,14 @@ def _remove_empty_store(url: str) -> bool:
     entries = loc.listdir()
     if not entries or any(e not in STORE_ENTRIES and not e.startswith("shard-") for e in entries):
         return False
-    loc.remove("manifest.json")  # first: a half-removed folder is then not mistaken for a store
-    for e in entries:
-        loc.remove(e, recursive=True)
-    if loc.is_local and not os.listdir(loc.path()):
-        os.rmdir(loc.path())
+    try:
+        loc.remove("manifest.json")  # first: a half-removed folder is then not mistaken for a store
+        for e in entries:
+            loc.remove(e, recursive=True)
+        if loc.is_local and not os.listdir(loc.path()):
+            os.rmdir(loc.path())
+    except FileNotFoundError:  # another worker of this store, finishing at the same moment, removed it first
+        pass
     return True
 
 

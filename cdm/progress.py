@@ -5,42 +5,35 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from typing import Any, Callable, Iterator, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# (module, query, disable, enable); a query named "are_…_disabled" answers the other way round
+_SWITCHES = (
+    ("datasets", "is_progress_bar_enabled", "disable_progress_bars", "enable_progress_bars"),
+    ("transformers.utils.logging", "is_progress_bar_enabled", "disable_progress_bar", "enable_progress_bar"),
+    ("huggingface_hub.utils", "are_progress_bars_disabled", "disable_progress_bars", "enable_progress_bars"),
+)
 
 
 @contextlib.contextmanager
 def library_progress_bars(enabled: bool) -> Iterator[None]:
     """Turn the libraries' progress bars off inside the block when `enabled` is False; restore them after."""
-    if enabled:
-        yield
-        return
     restore: list[Callable[[], None]] = []
-    try:
-        import datasets
-
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            restore.append(datasets.enable_progress_bars)
-    except ImportError:
-        pass
-    try:
-        from transformers.utils import logging as hf_logging
-
-        if hf_logging.is_progress_bar_enabled():
-            hf_logging.disable_progress_bar()
-            restore.append(hf_logging.enable_progress_bar)
-    except ImportError:
-        pass
-    try:
-        import huggingface_hub.utils as hub_utils
-
-        if not hub_utils.are_progress_bars_disabled():
-            hub_utils.disable_progress_bars()
-            restore.append(hub_utils.enable_progress_bars)
-    except ImportError:
-        pass
+    if not enabled:
+        for module, query, disable, enable in _SWITCHES:
+            try:
+                lib = importlib.import_module(module)
+            except ImportError:
+                continue
+            on = getattr(lib, query)()
+            if query.startswith("are_"):
+                on = not on
+            if on:
+                getattr(lib, disable)()
+                restore.append(getattr(lib, enable))
     try:
         yield
     finally:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cdm.cli import app
 from cdm.precompute import run
-from cdm.precompute.teacher import resolve_device
+from cdm.devices import resolve_device
 from cdm.storage import TeacherStore
 from tests.test_precompute_support import _offline, text_records, tiny_teacher, tokenizer, write_jsonl  # noqa: F401
 

@@ -18,7 +18,7 @@ from cdm.storage import StoreError
 from cdm.train import data as D
 from cdm.train.command import train_command
 from cdm.train.trainer import ConfigError, TrainConfig, checkpoint_dirs, run, student_tokenizer_hash
-from tests.test_train_support import bpe, build, save_student, texts, write_map, write_teacher
+from tests.test_train_support import bpe, build, quick_cfg, save_student, texts, write_map, write_teacher
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,7 @@ def stores(tmp_path_factory):
     return build(tmp_path_factory.mktemp("stores"), n_docs=12)
 
 
-def _cfg(p, out, **kw) -> TrainConfig:
-    base = dict(store=p["store"], map=p["map"], out=str(out), student=p["student"], loss="ce+cdm", max_steps=2,
-                save_every=0, eval_every=0, warmup_steps=1, progress=False,
-                loader=D.LoaderConfig(batch_size=4, block_size=4, max_length=160))
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = quick_cfg
 
 
 def _cli(args: list[str]):

@@ -13,7 +13,7 @@ from cdm.storage import StoreError
 from cdm.train import data as D
 from cdm.train.command import parse_weights, train_command
 from cdm.train.trainer import ConfigError, TrainConfig, run
-from tests.test_train_support import bpe, build, save_student, texts, write_teacher
+from tests.test_train_support import bpe, build, quick_cfg, save_student, texts, write_teacher
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,7 @@ def stores(tmp_path_factory):
     return build(tmp_path_factory.mktemp("stores"), n_docs=12, dual=True)
 
 
-def _cfg(p, out, **kw) -> TrainConfig:
-    base = dict(store=p["store"], map=p["map"], out=str(out), student=p["student"], loss="ce+cdm", max_steps=2,
-                save_every=0, eval_every=0, warmup_steps=1, progress=False,
-                loader=D.LoaderConfig(batch_size=4, block_size=4, max_length=160))
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = quick_cfg
 
 
 def test_map_of_another_teacher_store_is_refused(stores, tmp_path):

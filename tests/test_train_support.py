@@ -223,3 +223,15 @@ def test_store_fixture_is_consistent(tmp_path):
         np.testing.assert_array_equal(t.char_spans[m.teacher_row[ok], 1], m.student_spans[ok, 1])
     v = ms.vocab
     assert (v.em_t2s >= 0).sum() > 100 and v.fuzzy_t2s.indices.size > 0
+
+
+def quick_cfg(p, out, **kw):
+    """A two-step ce+cdm TrainConfig on the stores of `build(...)` (`p`) writing to `out`; `kw` overrides."""
+    from cdm.train import data as D
+    from cdm.train.trainer import TrainConfig
+
+    base = dict(store=p["store"], map=p["map"], out=str(out), student=p["student"], loss="ce+cdm", max_steps=2,
+                save_every=0, eval_every=0, warmup_steps=1, progress=False,
+                loader=D.LoaderConfig(batch_size=4, block_size=4, max_length=160))
+    base.update(kw)
+    return TrainConfig(**base)

@@ -184,17 +184,10 @@ class MapStoreWriter:
         storage_options: dict[str, Any] | None = None,
     ):
         base = {"format": FORMAT, "version": VERSION, "key": key, "num_shards": int(num_shards), **manifest}
-        loc = Location(url, storage_options)
-        existing = read_manifest(loc)
-        if existing is not None and existing.get("format") == FORMAT and existing.get("key") != key:
-            raise StoreError(
-                f"{loc.url}: holds a map store {map_difference(existing, base)} (its key {existing.get('key')}, this "
-                f"build's {key}); choose another --out or delete it"
-            )
         self._w = RaggedShardWriter(
-            loc, base=base, fields=FIELDS, row_schema=ROW_SCHEMA, shard_index=shard_index,
+            url, base=base, fields=FIELDS, row_schema=ROW_SCHEMA, shard_index=shard_index,
             chunk_rows=chunk_rows, commit_rows=commit_tokens, count_column="n_student_tokens",
-            storage_options=storage_options,
+            storage_options=storage_options, key_difference=lambda old, new: "a map " + map_difference(old, new),
         )
 
     @property

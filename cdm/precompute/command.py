@@ -36,7 +36,7 @@ def precompute_command(
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR or $CDM_CACHE, "
                                                      "else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch.")] = 8192,
     memory_budget_mb: Annotated[Optional[int], typer.Option("--memory-budget-mb", help="Rows of the top-k step "
                                                             "are chunked so that an fp32 rows x vocab tensor fits "

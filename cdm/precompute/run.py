@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 import cdm
+from cdm.devices import resolve_device
 from cdm.precompute.data import (
     Canonical,
     RecordFormat,
@@ -29,7 +30,6 @@ from cdm.precompute.teacher import (
     load_config,
     load_model,
     load_tokenizer,
-    resolve_device,
     resolve_dtype,
     resolve_teacher,
 )

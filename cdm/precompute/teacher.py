@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -103,29 +104,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise TeacherError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
-
-
-def resolve_device(device: str, flag: str = "--device") -> str:
-    """'auto' -> 'cuda' where available, else 'cpu'; anything else must be a device torch knows and this machine has
-    (checked before any store is written, with a message naming the flag)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index is not None):
-        raise ValueError(f"{flag} must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{flag} {device}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             "use --device cpu or auto")
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"{flag} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"{flag} {device}: MPS is not available on this machine; use --device cpu or auto")
-    return device
 
 
 def load_model(source: TeacherSource, dtype: torch.dtype, device: str) -> torch.nn.Module:

@@ -285,8 +285,12 @@ class RaggedShardWriter:
         commit_rows: int = 65536,
         count_column: str = "n_rows",
         storage_options: dict[str, Any] | None = None,
+        key_difference: Callable[[dict[str, Any], dict[str, Any]], str] | None = None,
     ):
+        """`key_difference(existing manifest, base)`: what makes a store already at `url` another one, in the
+        user's terms, for the refusal message (default: "another teacher, data or settings")."""
         self.count_column = count_column
+        self._key_difference = key_difference
         self.loc = url if isinstance(url, Location) else Location(url, storage_options)
         num_shards = int(base["num_shards"])
         if not 0 <= shard_index < num_shards:
@@ -321,9 +325,11 @@ class RaggedShardWriter:
         if existing is not None:
             check_manifest(self.loc, existing, self.base["format"], self.base["version"])
             if existing.get("key") != self.base["key"]:
+                why = (self._key_difference(existing, self.base) if self._key_difference is not None
+                       else "another teacher, data or settings")
                 raise StoreError(
                     f"{self.loc.url}: holds a store with key {existing.get('key')}, not {self.base['key']} "
-                    "(another teacher, data or settings); choose another --out or delete it"
+                    f"({why}); choose another --out or delete it"
                 )
             old_fields = existing.get("fields") or {}
             if layout(old_fields) == layout(self.base["fields"]) and old_fields != self.base["fields"]:

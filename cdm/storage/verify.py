@@ -13,7 +13,7 @@ import numpy as np
 
 from cdm.storage.fs import Location
 from cdm.storage.ragged import StoreError, check_manifest, read_manifest, safe_ratio, shard_digest, shard_name
-from cdm.storage.teacher import FORMAT, VERSION, TeacherSequence, TeacherStore
+from cdm.storage.teacher import FORMAT, VERSION, TeacherStore
 
 MAP_FORMAT = "cdm-map-store"  # cdm.mapping.store.FORMAT (not imported here: the mapping stage is heavier to load)
 
@@ -173,6 +173,19 @@ def _check_limit(max_problems: int) -> None:
         raise ValueError(f"--max-problems must be an integer >= 0 (0: no limit), got {max_problems!r}")
 
 
+def _open_checked(url: str, fmt: str, version: int, report: VerifyReport) -> tuple[Location, dict[str, Any] | None]:
+    """The store's location and manifest, whose shard files are then checked (`_check_shard_files`); a manifest
+    that cannot be used is recorded as the problem and None returned."""
+    loc = Location(url)
+    try:
+        m = check_manifest(loc, read_manifest(loc), fmt, version)
+    except StoreError as e:
+        report.problems.append(str(e))
+        return loc, None
+    _check_shard_files(loc, m, report)
+    return loc, m
+
+
 def _full(report: VerifyReport, max_problems: int) -> bool:
     return 0 < max_problems <= len(report.problems)
 
@@ -219,15 +232,9 @@ def verify_store(url: str, max_problems: int = 50) -> VerifyReport:
     _check_limit(max_problems)
     if _format_of(url) == MAP_FORMAT:
         return verify_map_store(url, max_problems)
-    loc = Location(url)
     report = VerifyReport()
-    try:
-        m = check_manifest(loc, read_manifest(loc), FORMAT, VERSION)
-    except StoreError as e:
-        report.problems.append(str(e))
-        return report
-    _check_shard_files(loc, m, report)
-    if report.problems:
+    _, m = _open_checked(url, FORMAT, VERSION, report)
+    if m is None or report.problems:
         return report
     store = TeacherStore(url, check="none", allow_incomplete=True)
     r = store.reader
@@ -347,14 +354,10 @@ def verify_map_store(url: str, max_problems: int = 50, teacher_store: str | None
     from cdm.mapping.store import MapStore, VocabMaps
 
     _check_limit(max_problems)
-    loc = Location(url)
     report = VerifyReport()
-    try:
-        m = check_manifest(loc, read_manifest(loc), MAP_FORMAT, MAP_VERSION)
-    except StoreError as e:
-        report.problems.append(str(e))
+    loc, m = _open_checked(url, MAP_FORMAT, MAP_VERSION, report)
+    if m is None:
         return report
-    _check_shard_files(loc, m, report)
     recorded = m.get("teacher_store") or {}
     t = None
     t_url = teacher_store or recorded.get("url")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cdm import devices
 from cdm.mapping.store import KIND_1_1, MapStore
 from cdm.progress import library_progress_bars
 from cdm.train import data as D
@@ -413,31 +414,9 @@ def check_dual_store(manifest: dict[str, Any], student_vocab: int, url: str) -> 
                           "tokenizer (cdm precompute --tokenizer STUDENT_TOKENIZER)")
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
 def parse_device(device: str) -> torch.device | None:
-    """`--device` as a torch.device (None for auto); refuses names torch does not know or cdm does not train on."""
-    if device == "auto":
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES or (dev.type != "cuda" and dev.index is not None):
-        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
-    return dev
-
-
-def check_device_available(dev: torch.device, flag_value: str) -> None:
-    """Refuse a device this machine does not have, before anything is loaded onto it."""
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {flag_value}: CUDA is not available here; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {flag_value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {flag_value}: MPS is not available here; use --device cpu or auto")
+    """`--device` as a torch.device (None for auto), refused with a ConfigError (`cdm.devices.parse_device`)."""
+    return devices.parse_device(device, ConfigError)
 
 
 def setup_dist(device: str) -> Dist:
@@ -449,7 +428,7 @@ def setup_dist(device: str) -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(f"cuda:{local}" if device == "cuda" else device)
-    check_device_available(dev, device)
+    devices.check_device_available(dev, device, ConfigError)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -783,12 +762,16 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     eval_set = D.eval_batches(sources, np.flatnonzero(held), lcfg) if n_eval else []
     width = logit_width(model)
 
+    # steps already evaluated in metrics.jsonl (a resumed run): read once, so each step's eval is logged once
+    logged_evals = {r.get("step") for r in log.read() if r.get("kind") == "eval"} if (d.main and resume_from) else set()
+
     def run_eval() -> dict[str, Any] | None:
         if not eval_set:
             return None
         res = evaluate(model, eval_set, d.device, autocast, d.rank, d.world, d.all_reduce)
-        if d.main and not any(r.get("kind") == "eval" and r.get("step") == step for r in log.read()):
-            log.append({"kind": "eval", "step": step, **res})  # once per step, also when a finished run is resumed
+        if d.main and step not in logged_evals:
+            log.append({"kind": "eval", "step": step, **res})
+            logged_evals.add(step)
         return res
 
     state = lambda: {"step": step, "position": position, "config": cfg.to_json(), "max_steps": max_steps,  # noqa: E731

@@ -1,0 +1,140 @@
+"""`cdm train`'s options: one TrainConfig that the CLI and `cdm.train.run` fill alike, checked up front."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from cdm import devices
+from cdm.train import data as D
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the optimiser step was not taken."""
+
+
+class ConfigError(ValueError):
+    """The run's options or inputs cannot work together."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `cdm train` run needs; the CLI and `cdm.train.run` fill the same object."""
+
+    store: str
+    map: str
+    out: str
+    student: str | None = None  # HF causal LM folder
+    student_config: str | None = None  # or: a config (folder or config.json) to initialise from scratch ...
+    student_tokenizer: str | None = None  # ... with this tokenizer (folder or tokenizer.json)
+    dual_store: str | None = None  # same-tokenizer teacher store (dual setting, the `kl` part)
+    loss: str = "ce+cdm"
+    kd_weight: float = 0.5
+    weights: dict[str, float] | None = None
+    temperature: float = 1.0
+    student_topk: int | None = None  # live student top-k of the dynamic map (None: the teacher's K)
+    theta: float | None = None  # fuzzy threshold (None: the map store's θ)
+    tail_bucket: bool = True  # CDM only: unmapped teacher mass as one bucket (benchmarks/RESULTS.md, "Quality")
+    reverse: bool = False
+    kl_tail: bool = True
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    epochs: float | None = None
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    loader: D.LoaderConfig = field(default_factory=D.LoaderConfig)
+    num_workers: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 500
+    eval_sequences: int = 64
+    log_every: int = 1
+    resume: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse nonsense numbers and names up front (CLI and Python API alike); messages name the CLI flag.
+
+        0 keeps its documented meaning where it has one: --grad-clip 0 (no clipping), --save-every 0 (only at the
+        end), --keep-checkpoints 0 (keep all), --eval-every 0 (no evaluation), --eval-sequences 0 (no held-out
+        split), --student-topk 0 (exact matches only), --warmup-steps 0 (no warm-up)."""
+        def need(ok: bool, flag: str, rule: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{flag} must be {rule} (got {value!r})")
+
+        def finite(x: Any) -> bool:
+            return isinstance(x, (int, float)) and math.isfinite(x)
+
+        need(finite(self.kd_weight) and 0.0 <= self.kd_weight <= 1.0, "--kd-weight", "in [0, 1]", self.kd_weight)
+        if self.weights:
+            for part, w in self.weights.items():
+                need(finite(w) and w >= 0, f"--weights {part}", "a finite number >= 0", w)
+            need(any(w > 0 for w in self.weights.values()), "--weights", "positive for at least one part", self.weights)
+        need(finite(self.temperature) and self.temperature > 0, "--temperature", "> 0", self.temperature)
+        need(self.student_topk is None or self.student_topk >= 0, "--student-topk", ">= 0 (0: exact matches only)",
+             self.student_topk)
+        need(self.theta is None or (finite(self.theta) and 0.0 <= self.theta <= 1.0), "--theta", "in [0, 1]", self.theta)
+        need(finite(self.lr) and self.lr > 0, "--lr", "> 0", self.lr)
+        need(finite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio", "in [0, 1]",
+             self.min_lr_ratio)
+        need(self.warmup_steps >= 0, "--warmup-steps", ">= 0", self.warmup_steps)
+        need(finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", ">= 0", self.weight_decay)
+        need(finite(self.beta1) and 0.0 <= self.beta1 < 1.0, "beta1", "in [0, 1)", self.beta1)
+        need(finite(self.beta2) and 0.0 <= self.beta2 < 1.0, "beta2", "in [0, 1)", self.beta2)
+        need(finite(self.grad_clip) and self.grad_clip >= 0, "--grad-clip", ">= 0 (0: off)", self.grad_clip)
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps", ">= 1", self.max_steps)
+        need(self.epochs is None or (finite(self.epochs) and self.epochs > 0), "--epochs", "> 0", self.epochs)
+        need(self.grad_accum >= 1, "--grad-accum", ">= 1", self.grad_accum)
+        need(self.dtype in ("fp32", "bf16"), "--dtype", "fp32 or bf16", self.dtype)
+        parse_device(self.device)
+        need(self.seed >= 0, "--seed", ">= 0", self.seed)
+        need(self.num_workers >= 0, "--num-workers", ">= 0", self.num_workers)
+        need(self.save_every >= 0, "--save-every", ">= 0 (0: only at the end)", self.save_every)
+        need(self.keep_checkpoints >= 0, "--keep-checkpoints", ">= 0 (0: keep all)", self.keep_checkpoints)
+        need(self.eval_every >= 0, "--eval-every", ">= 0 (0: off)", self.eval_every)
+        need(self.eval_sequences >= 0, "--eval-sequences", ">= 0", self.eval_sequences)
+        need(self.log_every >= 1, "--log-every", ">= 1", self.log_every)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loader"}
+        d["loader"] = self.loader.to_json()
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    out: str
+    model_dir: str
+    step: int
+    last: dict[str, Any]
+    eval: dict[str, Any] | None
+
+
+
+def parse_device(device: str) -> torch.device | None:
+    """`--device` as a torch.device (None for auto), refused with a ConfigError (`cdm.devices.parse_device`)."""
+    return devices.parse_device(device, ConfigError)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_json()` output (e.g. a checkpoint's config)."""
+    d = dict(d)
+    d["loader"] = D.LoaderConfig(**d.get("loader", {}))
+    return TrainConfig(**d)

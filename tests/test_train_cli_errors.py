@@ -67,6 +67,14 @@ def test_missing_student_paths_name_the_flag(stores, tmp_path, monkeypatch):
         run(_cfg(stores, tmp_path / "hub", student="cdm-test/not-a-model"))
 
 
+@pytest.mark.parametrize("spec", ["ce=abc", "ce", "ce=0.5,cdm"])
+def test_cli_malformed_weights_is_an_error_line(stores, tmp_path, spec):
+    res = _cli(_base_args(stores, tmp_path / "o") + ["--student", stores["student"], "--weights", spec])
+    assert res.exit_code == 2, res.output
+    assert "error: --weights item" in res.output and "expected part=number" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("device", ["bogus", "cuda:x", "cpu:1", "meta"])
 def test_unknown_device_is_refused(device):
     with pytest.raises(ConfigError, match=r"--device must be auto, cpu, cuda, cuda:N or mps \(got"):

@@ -22,7 +22,7 @@ from cdm.train.trainer import (
     run,
     torch_maps,
 )
-from tests.test_train_support import build
+from tests.test_train_support import build, quick_cfg
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +208,30 @@ def test_a_dual_store_with_another_tokenizer_is_refused_before_training(stores, 
     with pytest.raises(ConfigError, match="--dual-store .* must be precomputed with the student's tokenizer"):
         run(_cfg(stores, tmp_path, loss="ce+kl", dual_store=stores["store"], max_steps=2, save_every=0, eval_every=0))
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(stores, tmp_path):
+    """--gradient-checkpointing recomputes activations in backward: same steps, same weights (up to float order)."""
+    from transformers import AutoModelForCausalLM
+
+    def weights(**kw):
+        seen = []
+        res = run(quick_cfg(stores, tmp_path / ("gc" if kw else "plain"), **kw),
+                  on_step=lambda step, model: seen.append(any(getattr(m, "gradient_checkpointing", False)
+                                                               for m in model.modules())))
+        model = AutoModelForCausalLM.from_pretrained(res.model_dir)
+        return {k: v.clone() for k, v in model.state_dict().items()}, res, seen
+
+    plain, _, seen_plain = weights()
+    ckpt, res, seen_gc = weights(gradient_checkpointing=True)
+    assert seen_plain == [False, False] and seen_gc == [True, True]  # the switch took in the run's model
+    assert res.step == 2 and plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_gradient_checkpointing_on_a_model_without_support_is_refused():
+    from cdm.train.trainer import ConfigError, enable_gradient_checkpointing
+
+    with pytest.raises(ConfigError, match="--gradient-checkpointing: Linear does not support"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))

@@ -29,7 +29,7 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
                 raise ValueError
             out[name.strip().lower()] = float(value)
         except ValueError:
-            raise typer.BadParameter(f"--weights item {item!r}: expected part=number, e.g. ce=0.5,cdm=0.5") from None
+            raise ValueError(f"--weights item {item!r}: expected part=number, e.g. ce=0.5,cdm=0.5") from None
     return out
 
 
@@ -64,6 +64,9 @@ def train_command(
     epochs: Annotated[Optional[float], typer.Option(help="Or: epochs over the training sequences (> 0; fractions allowed).", rich_help_panel=_OPT)] = None,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimiser step on each process.", rich_help_panel=_OPT)] = 1,
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 autocast (weights stay fp32).", rich_help_panel=_OPT)] = "fp32",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help=(
+        "Recompute each layer's activations in the backward pass instead of keeping them: less memory for long "
+        "sequences or big micro-batches, about one more forward pass of time; same gradients."), rich_help_panel=_OPT)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_OPT)] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the data order and of a from-scratch initialisation.", rich_help_panel=_OPT)] = 0,
     batch_size: Annotated[int, typer.Option(help="Most sequences per micro-batch.", rich_help_panel=_DATA)] = 8,
@@ -93,7 +96,8 @@ def train_command(
             weights=parse_weights(weights), temperature=temperature, student_topk=student_topk, theta=theta,
             tail_bucket=tail_bucket, reverse=reverse, kl_tail=kl_tail, lr=lr, min_lr_ratio=min_lr_ratio,
             warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps,
-            epochs=epochs, grad_accum=grad_accum, dtype=dtype, device=device, seed=seed,
+            epochs=epochs, grad_accum=grad_accum, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            device=device, seed=seed,
             loader=LoaderConfig(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
                                 block_size=block_size, window_blocks=window_blocks, kd_topk=kd_topk, seed=seed),
             num_workers=num_workers, save_every=save_every, keep_checkpoints=keep_checkpoints,

@@ -51,6 +51,7 @@ class TrainConfig:
     epochs: float | None = None
     grad_accum: int = 1
     dtype: str = "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF models that support it)
     device: str = "auto"
     seed: int = 0
     loader: D.LoaderConfig = field(default_factory=D.LoaderConfig)

@@ -70,6 +70,18 @@ def _autocast(dtype: str, device: torch.device) -> Callable[[], Any]:
     raise ConfigError(f"--dtype must be fp32 or bf16; got {dtype!r}")
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """`--gradient-checkpointing`: the HF model recomputes its layers' activations in backward (non-reentrant, so
+    it works under DDP and with inputs that need no gradient); a model without support is refused by name."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _say(d: Dist, msg: str) -> None:
     if d.main:
         print(f"cdm train: {msg}", file=sys.stderr, flush=True)
@@ -169,6 +181,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     # --- optimiser, schedule, resume state
     model.to(d.device)
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, max_steps, cfg.min_lr_ratio))

@@ -375,7 +375,7 @@ def do_run(arm: str, seed: int, lr: float, st: Settings, paths: dict[str, str], 
         lr=lr, warmup_steps=st.warmup_steps, max_steps=st.steps, seed=seed,
         tail_bucket=False,  # the recorded cdm arms are columns-only unless ARM_OPTIONS says so (cdm_offsets_tail)
         loader=D.LoaderConfig(batch_size=st.batch_size, max_length=st.max_length, kd_topk=st.kd_topk, seed=seed),
-        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False)
+        eval_every=st.eval_every, eval_sequences=st.eval_sequences, save_every=0, keep_checkpoints=1, progress=False, num_workers=0)
     cfg = TrainConfig(**{**kw, **ARM_OPTIONS.get(arm, {})})
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run restarts from scratch (runs are short)
     t0 = time.perf_counter()

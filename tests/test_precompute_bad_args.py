@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -27,12 +28,15 @@ QUIET = {"progress": False, "echo": lambda s: None}
     ({"limit": 0}, "--limit must be >= 1"),
     ({"id_table": -1}, "--id-table must be >= 0"),
     ({"device": "bogus"}, "--device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"writer_mode": "proc"}, "--writer must be one of"),
+    ({"memory_budget_mb": 0}, "--memory-budget-mb must be positive"),
+    ({"backend_options": {"tensor_parallel_size": 4}}, "backend options (tensor_parallel_size; e.g. --tensor-parallel-size) are for --backend vllm"),
 ])
 def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, options, message):
     """A typo must not leave a store behind whose key blocks the corrected command: nothing is written at --out."""
     data = write_jsonl(tmp_path / "d.jsonl", text_records(4, seed=1))
     out = tmp_path / "store"
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         run(str(tiny_teacher), str(data), str(out), **{"top_k": 4, "text_field": "text", **options}, **QUIET)
     assert not out.exists()
     run(str(tiny_teacher), str(data), str(out), top_k=4, text_field="text", **QUIET)  # the corrected command works
@@ -162,3 +166,19 @@ def test_a_worker_with_another_shard_count_is_told_which_one_the_store_has(tmp_p
     run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", num_shards=3, shard_index=0, **QUIET)
     with pytest.raises(StoreError, match="run with --num-shards 3"):
         run(str(tiny_teacher), str(data), out, top_k=4, text_field="text", num_shards=2, shard_index=1, **QUIET)
+
+
+def test_paths_may_be_pathlib_and_a_rerun_reports_the_same_stats_keys(tmp_path, tiny_teacher):
+    """The Python API takes pathlib.Path like the readers do; `stats` of the no-op rerun has every key of the run
+    that computed the store, with this shard's counts and nothing done this run."""
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(5, seed=2) + [{"text": "   "}])
+    out = tmp_path / "store"
+    first = run(tiny_teacher, data, out, top_k=4, text_field="text", **QUIET)
+    again = run(tiny_teacher, [data], out, top_k=4, text_field="text", **QUIET)
+    assert isinstance(first.url, str) and first.url == again.url and first.key == again.key
+    assert first.computed and not again.computed and again.store_complete
+    assert set(again.stats) == set(first.stats)
+    for k in ("sequences", "tokens", "skipped", "skipped_rows"):
+        assert again.stats[k] == first.stats[k], k
+    assert again.stats["sequences"] == 5 and sum(again.stats["skipped"].values()) == 1
+    assert again.stats["tokens_this_run"] == 0 and first.stats["tokens_this_run"] == first.stats["tokens"]

@@ -537,3 +537,19 @@ def test_iterated_sequences_own_their_arrays_and_runs_are_bounded_by_rows(tmp_pa
                         lambda self, a, b, *r, **k: ranges.append((a, b)) or real(self, a, b, *r, **k))
     assert len(list(store.sequences(range(12), max_rows=50))) == 12
     assert ranges == [(0, 3), (3, 6), (6, 9), (9, 12)]  # 20-token sequences: a run closes once it holds >= 50 rows
+
+
+def test_every_deliberate_error_shares_one_base():
+    """`except cdm.CdmError` catches each stage's own errors, which keep their builtin bases for old callers."""
+    import cdm
+    from cdm.assets import AssetMissing
+    from cdm.mapping import TokenizerError
+    from cdm.precompute import DataError as PrecomputeDataError
+    from cdm.precompute import OffsetsUnavailable, TeacherError
+    from cdm.storage import StoreError as SE
+    from cdm.train import ConfigError, DataError, TrainingDiverged
+
+    for cls, builtin in ((SE, Exception), (DataError, SE), (ConfigError, ValueError), (TrainingDiverged, RuntimeError),
+                         (PrecomputeDataError, ValueError), (TeacherError, ValueError), (TokenizerError, ValueError),
+                         (OffsetsUnavailable, TypeError), (AssetMissing, RuntimeError)):
+        assert issubclass(cls, cdm.CdmError) and issubclass(cls, builtin), cls

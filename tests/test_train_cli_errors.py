@@ -67,6 +67,12 @@ def test_missing_student_paths_name_the_flag(stores, tmp_path, monkeypatch):
         run(_cfg(stores, tmp_path / "hub", student="cdm-test/not-a-model"))
 
 
+def test_no_step_count_is_refused_before_out_is_created(stores, tmp_path):
+    with pytest.raises(ConfigError, match="give --max-steps or --epochs"):
+        run(_cfg(stores, tmp_path / "o", max_steps=None))
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("spec", ["ce=abc", "ce", "ce=0.5,cdm"])
 def test_cli_malformed_weights_is_an_error_line(stores, tmp_path, spec):
     res = _cli(_base_args(stores, tmp_path / "o") + ["--student", stores["student"], "--weights", spec])

@@ -34,7 +34,7 @@ def _weights(model_dir: str) -> dict[str, torch.Tensor]:
 def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
     p = build(tmp_path, n_docs=16, dual=True)
     common = dict(store=p["store"], map=p["map"], student=p["student"], dual_store=p["dual"], loss="ce+kl+cdm",
-                  max_steps=3, save_every=2, eval_every=2, eval_sequences=2, warmup_steps=1, lr=5e-3, progress=False,
+                  max_steps=3, save_every=2, eval_every=2, eval_sequences=2, warmup_steps=1, lr=5e-3, progress=False, num_workers=0,
                   loader=D.LoaderConfig(batch_size=2, block_size=2, window_blocks=2, max_length=160, seed=4))
     single = run(TrainConfig(out=str(tmp_path / "one"), grad_accum=2, **common))
 

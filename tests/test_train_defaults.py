@@ -46,6 +46,37 @@ def _cli_config(monkeypatch, tmp_path, *extra: str) -> TrainConfig:
     return seen[0]
 
 
+def test_the_python_api_has_the_cli_defaults(monkeypatch, tmp_path):
+    """`cdm.train.run(TrainConfig(...))` with only the required fields is the same run as `cdm train` with only the
+    required flags: every TrainConfig field and every loader field (the data-order seed included) agrees."""
+    cli = _cli_config(monkeypatch, tmp_path)
+    api = TrainConfig(store=str(tmp_path / "t"), map=str(tmp_path / "m"), out=str(tmp_path / "o"))
+    assert api.to_json() == cli.to_json()
+    seeded = _cli_config(monkeypatch, tmp_path, "--seed", "7")
+    api7 = TrainConfig(store=str(tmp_path / "t"), map=str(tmp_path / "m"), out=str(tmp_path / "o"), seed=7)
+    assert api7.loader.seed == seeded.loader.seed == 7 and api7.to_json() == seeded.to_json()
+    # an explicit loader seed is kept; paths may be pathlib.Path (stored as str: the config is written to JSON)
+    own = TrainConfig(store=tmp_path / "t", map=tmp_path / "m", out=tmp_path / "o", seed=7,
+                      loader=D.LoaderConfig(seed=3))
+    assert own.loader.seed == 3 and own.out == str(tmp_path / "o") and json.dumps(own.to_json())
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("max_steps", "3", "--max-steps must be an integer (got '3')"),
+    ("lr", "1e-3", "--lr must be a number (got '1e-3')"),
+    ("num_workers", 1.5, "--num-workers must be an integer"),
+    ("out", 3, "out must be a path (str or os.PathLike), got int 3"),
+    ("loader", {"batch_size": 2}, "loader must be a cdm.train.LoaderConfig, got dict"),
+])
+def test_wrong_types_are_config_errors(field, value, msg):
+    from cdm.train.config import ConfigError
+
+    kw = {"store": "s", "map": "m", "out": "o", field: value}
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw)
+    assert msg in str(e.value)
+
+
 def test_cli_default_passes_the_tail_bucket(monkeypatch, tmp_path):
     default = _cli_config(monkeypatch, tmp_path)
     assert default.tail_bucket is True and default.kl_tail is True and default.loss == "ce+cdm"
@@ -100,7 +131,7 @@ def test_default_objective_changes_only_the_cdm_part(stores):
 
 def _first_step(p, out, **kw) -> dict:
     cfg = TrainConfig(store=p["store"], map=p["map"], out=str(out), student=p["student"], max_steps=1,
-                      save_every=0, eval_every=0, warmup_steps=1, progress=False,
+                      save_every=0, eval_every=0, warmup_steps=1, progress=False, num_workers=0,
                       loader=D.LoaderConfig(batch_size=3, block_size=3, window_blocks=2, max_length=96, seed=1), **kw)
     run(cfg)
     recs = [json.loads(x) for x in open(out / "metrics.jsonl")]

@@ -32,7 +32,7 @@ def stores(tmp_path_factory):
 
 def _cfg(p, out, **kw) -> TrainConfig:
     base = dict(store=p["store"], map=p["map"], out=str(out), student=p["student"], loss="ce+cdm", max_steps=6,
-                save_every=3, eval_every=3, eval_sequences=2, warmup_steps=2, lr=3e-3, progress=False,
+                save_every=3, eval_every=3, eval_sequences=2, warmup_steps=2, lr=3e-3, progress=False, num_workers=0,
                 loader=D.LoaderConfig(batch_size=3, block_size=3, window_blocks=2, max_length=160, seed=2))
     base.update(kw)
     return TrainConfig(**base)

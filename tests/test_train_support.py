@@ -231,7 +231,7 @@ def quick_cfg(p, out, **kw):
     from cdm.train.trainer import TrainConfig
 
     base = dict(store=p["store"], map=p["map"], out=str(out), student=p["student"], loss="ce+cdm", max_steps=2,
-                save_every=0, eval_every=0, warmup_steps=1, progress=False,
+                save_every=0, eval_every=0, warmup_steps=1, progress=False, num_workers=0,
                 loader=D.LoaderConfig(batch_size=4, block_size=4, max_length=160))
     base.update(kw)
     return TrainConfig(**base)

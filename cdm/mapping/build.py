@@ -10,6 +10,7 @@ import hashlib
 import json
 import numbers
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ from cdm.progress import quiet_libraries_unless_progress
 from cdm.storage.fs import Location
 from cdm.storage.ragged import StoreError
 from cdm.storage.teacher import TeacherSequence, TeacherStore
+
+
+def _stderr(message: str) -> None:
+    """The default `log` of this module: progress lines go to stderr (stdout stays free for results)."""
+    print(message, file=sys.stderr, flush=True)
+
 
 ALIGN_MODES = ("offsets", "dtw", "mined")
 MAP_FORMAT_TAG = "cdm-map-v1"
@@ -74,7 +81,7 @@ def vocab_key(t_hash: str, s_hash: str, opts: BuildOptions) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, log: Callable[[str], None] = print) -> VocabMaps:
+def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, log: Callable[[str], None] = _stderr) -> VocabMaps:
     """Canonical vocabularies of both tokenizers and every map between them (pure; minutes for 150k x 32k)."""
     t0 = time.time()
     tcv = V.canonical_vocab(teacher_tok)
@@ -110,7 +117,7 @@ def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, l
     )
 
 
-def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: Path, log: Callable[[str], None] = print) -> VocabMaps:
+def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: Path, log: Callable[[str], None] = _stderr) -> VocabMaps:
     """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically."""
     key = vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts)
     path = cache_dir / "vocab-maps" / key
@@ -356,6 +363,10 @@ def check_build_args(align: str, theta: float, workers: int | None, batch_sequen
 
 @dataclass
 class BuildResult:
+    """What `build_map` did: the map store's location and key (24 hex digits of its identity hash), the report
+    (`report.json`'s content: coverage, group counts, mapped top-k mass), and whether anything was computed (False:
+    the map existed and was complete)."""
+
     url: str
     key: str
     report: dict[str, Any]
@@ -364,9 +375,9 @@ class BuildResult:
 
 @quiet_libraries_unless_progress
 def build_map(
-    store: str,
-    student_tokenizer: str,
-    out: str,
+    store: str | os.PathLike[str],
+    student_tokenizer: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     align: str = "offsets",
     theta: float = 0.3,
@@ -374,7 +385,7 @@ def build_map(
     workers: int | None = None,
     cache_dir: str | None = None,
     batch_sequences: int = 256,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> BuildResult:
     """Build (or resume, or reuse) the map store of `store` for `student_tokenizer` at `out`.
@@ -382,8 +393,13 @@ def build_map(
     `theta` (--theta): fuzzy neighbours are token pairs with normalised edit distance
     nd(a, b) = levenshtein(a, b) / (len(a) + len(b)) < theta; nd lies in [0, 1], so theta must be in (0, 1].
     `workers` (--workers): worker processes, >= 1; None = all cores. Bad values raise ValueError naming the flag,
-    before anything is read or written."""
+    before anything is read or written. `cache_dir` (--cache-dir): where the vocabulary maps of a tokenizer pair
+    are cached (default: `default_cache_dir()`). `log`: where progress lines go (default: stderr, as the CLI).
+    Paths may be str or os.PathLike; `out` may be an fsspec URL. Returns a BuildResult."""
     check_build_args(align, theta, workers, batch_sequences)
+    log = log or _stderr
+    store, student_tokenizer, out = (os.fspath(p) if isinstance(p, os.PathLike) else p
+                                     for p in (store, student_tokenizer, out))
     opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers if workers is not None else max(1, os.cpu_count() or 1))
     tstore = TeacherStore(store)
     teacher_json = tstore.tokenizer_json()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, overload
 
 import numpy as np
 import pyarrow as pa
@@ -268,12 +268,16 @@ def map_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 class MapStore:
-    """Reads a map store: ``len``, ``store[i]`` -> MapSequence, ``vocab`` -> VocabMaps, provenance checks."""
+    """Reads a map store: ``len``, ``store[i]`` (or a slice) -> MapSequence, ``vocab`` -> VocabMaps, lookups by
+    teacher sequence (`position_of`), provenance checks."""
 
-    def __init__(self, url: str | os.PathLike[str], *, check: str = "sizes", storage_options: dict[str, Any] | None = None):
-        self._r = RaggedStoreReader(url, fmt=FORMAT, version=VERSION, check=check, storage_options=storage_options)
+    def __init__(self, url: str | os.PathLike[str], *, check: str = "sizes", allow_incomplete: bool = False,
+                 storage_options: dict[str, Any] | None = None):
+        self._r = RaggedStoreReader(url, fmt=FORMAT, version=VERSION, check=check, allow_incomplete=allow_incomplete,
+                                    storage_options=storage_options)
         self.manifest = self._r.manifest
         self._vocab: VocabMaps | None = None
+        self._teacher_index: np.ndarray | None = None
 
     @staticmethod
     def exists(url: str | os.PathLike[str]) -> bool:
@@ -284,6 +288,41 @@ class MapStore:
         return self._r.loc.url
 
     @property
+    def key(self) -> str:
+        """The map's identity (teacher store key, student tokenizer hash, build settings)."""
+        return str(self.manifest["key"])
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        """`report.json` of the build (coverage, group counts, mapped top-k mass); None while it is unfinished."""
+        try:
+            return self._r.loc.read_json("report.json")
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def teacher_indices(self) -> np.ndarray:
+        """int64 [len(self)]: the teacher store index of each map sequence (they differ once build-map skipped a
+        sequence); read from the sequence tables only."""
+        if self._teacher_index is None:
+            parts = [np.asarray(self._r.table(s).column("teacher_index").to_numpy(), dtype=np.int64)
+                     for s in range(len(self._r.shards))]
+            self._teacher_index = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._teacher_index
+
+    def position_of(self, teacher_index: int) -> int:
+        """The map sequence index of teacher sequence `teacher_index`; KeyError when build-map skipped it."""
+        hits = np.flatnonzero(self.teacher_indices == int(teacher_index))
+        if not hits.size:
+            raise KeyError(f"{self.url}: teacher sequence {teacher_index} has no map sequence (skipped by build-map; "
+                           "see report.json)")
+        return int(hits[0])
+
+    @property
     def vocab(self) -> VocabMaps:
         if self._vocab is None:
             self._vocab = VocabMaps.load(self._r.loc, "vocab")
@@ -292,7 +331,15 @@ class MapStore:
     def __len__(self) -> int:
         return len(self._r)
 
-    def __getitem__(self, i: int) -> MapSequence:
+    @overload
+    def __getitem__(self, i: int) -> MapSequence: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[MapSequence]: ...
+
+    def __getitem__(self, i: int | slice) -> MapSequence | list[MapSequence]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         return self._sequence(self._r.row(i), self._r.arrays(i))
 
     @staticmethod

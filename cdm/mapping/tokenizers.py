@@ -15,6 +15,8 @@ from typing import Any, Union
 import numpy as np
 from tokenizers import Tokenizer
 
+from cdm.errors import CdmError
+
 #: roles read from a transformers wrapper's attributes (``<name>_token_id``), in priority order.
 WRAPPER_ROLES = ("eos", "bos", "pad", "unk", "cls", "sep", "mask")
 
@@ -36,7 +38,7 @@ class LoadedTokenizer:
 TokenizerLike = Union[Tokenizer, LoadedTokenizer, Any]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CdmError, ValueError):
     """A tokenizer cannot be loaded, or cannot give the character offsets alignment needs."""
 
 

@@ -14,11 +14,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cdm.errors import CdmError
+
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
+class DataError(CdmError, ValueError):
     """The input data as a whole cannot be used (unreadable file, absent column, wrong flags)."""
 
 

@@ -8,12 +8,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cdm.errors import CdmError
 from cdm.precompute.data import Canonical, SkipRecord
 
 TRUNCATION_POLICIES = ("truncate", "skip")
 
 
-class OffsetsUnavailable(TypeError):
+class OffsetsUnavailable(CdmError, TypeError):
     """The tokenizer cannot report character offsets, which the store needs."""
 
 

@@ -140,9 +140,9 @@ def _chat_renderer(tokenizer: Any, template: str) -> Callable[[list[dict[str, An
 
 @quiet_libraries_unless_progress
 def run(
-    teacher: str,
-    data: str | Sequence[str],
-    out: str | None = None,
+    teacher: str | os.PathLike[str],
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
     *,
     top_k: int = 128,
     backend: str = "hf",
@@ -182,19 +182,25 @@ def run(
     `data_cache_dir` is where `datasets` keeps its Arrow cache of the input files (default: its own).
     `writer_mode`: 'thread' encodes and writes the store on a background thread, 'process' in a child process
     (no GIL shared with the device loop, but a pipe transfer); 'auto' = thread (measured faster so far, see
-    benchmarks/RESULTS.md).
+    benchmarks/RESULTS.md). `backend_options`: extra `vllm.LLM` arguments (the vllm backend only).
+    Paths may be str or os.PathLike. `stats` has the same keys whether the run computed or found the store done.
     """
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, file=sys.stderr))
     from cdm.storage import TeacherStore, TeacherStoreWriter
 
-    paths = [data] if isinstance(data, str) else list(data)
+    teacher, out = _path(teacher), _path(out)
+    tokenizer, chat_template, cache_dir, data_cache_dir = map(_path, (tokenizer, chat_template, cache_dir, data_cache_dir))
+    paths = [_path(data)] if isinstance(data, (str, os.PathLike)) else [_path(p) for p in data]
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"--truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     check_numbers(top_k=top_k, max_length=max_length, limit=limit, batch_tokens=batch_tokens, id_table=id_table,
                   commit_tokens=commit_tokens, window_rows=window_rows)
+    if backend_options and backend != "vllm":
+        names = ", ".join(sorted(backend_options))
+        raise ValueError(f"backend options ({names}; e.g. --tensor-parallel-size) are for --backend vllm, not {backend!r}")
     fmt = RecordFormat(text_field, prompt_field, response_field, messages_field, separator)
     n_shards, shard = resolve_shard(num_shards, shard_index)
 
@@ -240,6 +246,10 @@ def run(
     if dev == "cuda" and os.environ.get("LOCAL_RANK"):
         dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     torch_dtype = resolve_dtype(dtype, dev)
+    from cdm.precompute.sink import ProcessSink, ThreadSink, resolve_writer_mode
+
+    mode = resolve_writer_mode(writer_mode, dev)  # both checked before anything is written
+    budget_mb = default_memory_budget_mb(memory_budget_mb, dev)
     dtype_name = str(torch_dtype).replace("torch.", "")
     key, manifest = identity(source, tok, template, fmt, paths, split, n_rows, backend=backend, dtype_name=dtype_name,
                              top_k=top_k, max_length=max_length, truncation=truncation, add_special=add_special,
@@ -249,7 +259,7 @@ def run(
 
     def make_runner() -> Any:
         return _make_backend(backend, source, top_k=top_k, vocab_size=vocab_size, dtype=torch_dtype, device=dev,
-                             batch_tokens=batch_tokens, memory_budget=default_memory_budget_mb(memory_budget_mb, dev) * 2**20,
+                             batch_tokens=batch_tokens, memory_budget=budget_mb * 2**20,
                              max_length=max_length, pad_id=tok.pad_token_id or 0, options=backend_options)
 
     existing = TeacherStore.read_manifest(url)
@@ -257,7 +267,8 @@ def run(
         check_not_empty(existing, url, {})
         report = "store is complete; nothing to do\n" + store_summary(existing, url)
         say(report)
-        return PrecomputeResult(url, key, shard, n_shards, False, True, {}, time.perf_counter() - t0, report)
+        return PrecomputeResult(url, key, shard, n_shards, False, True, done_stats(existing, shard, url),
+                                time.perf_counter() - t0, report)
 
     runner = None
     codec_params: dict[str, Any] = {}
@@ -276,10 +287,7 @@ def run(
     tokens_run = 0
     waits = {"preparation": 0.0, "writer": 0.0}
     if todo:
-        from cdm.precompute.sink import ProcessSink, ThreadSink, resolve_writer_mode
-
         runner = runner or make_runner()
-        mode = resolve_writer_mode(writer_mode, dev)
         say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
         # process mode: the child reopens the shard (nothing is buffered in `writer`, which is not used again)
         sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
@@ -311,6 +319,32 @@ def run(
     if manifest_after.get("complete"):
         check_not_empty(manifest_after, url, stats)
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
+
+
+def _path(p: Any) -> Any:
+    """A path argument as str (os.PathLike accepted, as the readers do); None stays None."""
+    return os.fspath(p) if isinstance(p, os.PathLike) else p
+
+
+def done_stats(manifest: Mapping[str, Any], shard: int, url: str) -> dict[str, Any]:
+    """`PrecomputeResult.stats` of a run that found its shard complete: the shard's counts, nothing done this run
+    (the keys of a computing run's stats, so code reading `stats["sequences"]` works on a rerun too)."""
+    from cdm.storage import Location
+
+    entry = next((s for s in manifest.get("shards", []) if int(s.get("index", -1)) == shard), {})
+    if entry.get("path"):  # the skipped rows are in the shard's own entry file, not in manifest.json
+        try:
+            entry = {**entry, **Location(url).read_json("shards", str(entry["path"]) + ".json")}
+        except (OSError, ValueError):
+            pass
+    skipped = {str(r): int(c) for r, c in (entry.get("skipped_by_reason") or {}).items()}
+    rows: dict[str, list[int]] = {}
+    for index, reason in entry.get("skipped") or []:
+        if len(rows.setdefault(str(reason), [])) < 5:
+            rows[str(reason)].append(int(index))
+    return {"sequences": int(entry.get("sequences", 0)), "tokens": int(entry.get("tokens", 0)),
+            "truncated_this_run": 0, "skipped": skipped, "skipped_rows": {r: sorted(v) for r, v in rows.items()},
+            "tokens_this_run": 0, "tokens_per_s": 0.0, "waited_for_preparation_s": 0.0, "waited_for_writer_s": 0.0}
 
 
 def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batch_tokens: int, id_table: int,

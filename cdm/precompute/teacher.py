@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from cdm.errors import CdmError
+
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class TeacherError(ValueError):
+class TeacherError(CdmError, ValueError):
     """The teacher or its tokenizer cannot be used (missing files, vocabulary mismatch, no offsets)."""
 
 

@@ -4,6 +4,7 @@ from cdm.storage.fields import FieldSpec
 from cdm.storage.fs import Location
 from cdm.storage.ragged import RaggedShardWriter, RaggedStoreReader, StoreError
 from cdm.storage.teacher import TeacherSequence, TeacherStore, TeacherStoreWriter
+from cdm.storage.verify import VerifyReport, store_info, verify_map_store, verify_store
 
 __all__ = [
     "FieldSpec",
@@ -14,4 +15,8 @@ __all__ = [
     "TeacherSequence",
     "TeacherStore",
     "TeacherStoreWriter",
+    "VerifyReport",
+    "store_info",
+    "verify_map_store",
+    "verify_store",
 ]

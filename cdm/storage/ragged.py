@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from cdm.errors import CdmError
 from cdm.storage.fields import FieldSpec, layout
 from cdm.storage.fs import Location
 
@@ -46,7 +47,7 @@ ZARR_GROUP = "tokens"  # shard-N/tokens/ is a pure Zarr v3 group; the Parquet ta
 DETAIL_KEYS = ("files", "skipped")  # kept in shards/shard-N.json only, so the manifest stays small
 
 
-class StoreError(Exception):
+class StoreError(CdmError):
     """A store is missing, of another kind or version, inconsistent, or refuses a write."""
 
 
@@ -605,8 +606,8 @@ class RaggedStoreReader:
             done = sum(s.get("state") == "complete" for s in self.manifest["shards"])
             raise StoreError(
                 f"{self.loc.url}: store is incomplete ({done}/{len(self.manifest['shards'])} shards complete); "
-                "finish writing it first: rerun the command that writes it (Python API: allow_incomplete=True reads "
-                "the complete shards only)"
+                "finish writing it first: rerun the command that writes it (from Python, TeacherStore(url, "
+                "allow_incomplete=True) or MapStore(url, allow_incomplete=True) read its complete shards only)"
             )
         self.shards = [s for s in self.manifest["shards"] if s.get("state") == "complete"]
         self.field_names = list(self.manifest["fields"])

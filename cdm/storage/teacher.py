@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, overload
 
 import numpy as np
 import pyarrow as pa
@@ -314,7 +314,15 @@ class TeacherStore:
     def __len__(self) -> int:
         return len(self._r)
 
-    def __getitem__(self, i: int) -> TeacherSequence:
+    @overload
+    def __getitem__(self, i: int) -> TeacherSequence: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[TeacherSequence]: ...
+
+    def __getitem__(self, i: int | slice) -> TeacherSequence | list[TeacherSequence]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
         return self._sequence(self._r.row(i), self._r.arrays(i))
 
     def _sequence(self, row: dict[str, Any], arr: dict[str, np.ndarray]) -> TeacherSequence:

@@ -1,5 +1,11 @@
-"""Stage 3 of cdm: a student-only trainer that streams the teacher store and the map store (`cdm train`)."""
+"""Stage 3 of cdm: a student-only trainer that streams the teacher store and the map store (`cdm train`).
 
-from cdm.train.trainer import TrainConfig, TrainResult, TrainingDiverged, run
+`run(TrainConfig(store=..., map=..., out=..., student=..., loader=LoaderConfig(batch_size=..., max_length=...)))`
+does what `cdm train` does; the data flags (`--batch-size`, `--max-length`, `--max-tokens`, `--kd-topk`,
+`--block-size`, `--window-blocks`) live in `LoaderConfig`."""
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "run"]
+from cdm.train.config import ConfigError, TrainConfig, TrainingDiverged, TrainResult
+from cdm.train.data import DataError, LoaderConfig
+from cdm.train.trainer import run
+
+__all__ = ["ConfigError", "DataError", "LoaderConfig", "TrainConfig", "TrainResult", "TrainingDiverged", "run"]

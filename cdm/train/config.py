@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from cdm import devices
+from cdm.errors import CdmError
 from cdm.train import data as D
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CdmError, RuntimeError):
     """The loss or the gradient norm became NaN/inf; the optimiser step was not taken."""
 
 
-class ConfigError(ValueError):
+class ConfigError(CdmError, ValueError):
     """The run's options or inputs cannot work together."""
 
 
@@ -55,7 +57,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     loader: D.LoaderConfig = field(default_factory=D.LoaderConfig)
-    num_workers: int = 0
+    num_workers: int = 2  # same default as `cdm train --num-workers`
     save_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 500
@@ -68,6 +70,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    #: path fields: str, os.PathLike (turned into str) or None
+    PATH_FIELDS = ("store", "map", "out", "student", "student_config", "student_tokenizer", "dual_store")
+    #: numeric fields and the CLI flag that sets them (type checks; the ranges are checked one by one below)
+    INT_FIELDS = ("student_topk", "warmup_steps", "max_steps", "grad_accum", "seed", "num_workers", "save_every",
+                  "keep_checkpoints", "eval_every", "eval_sequences", "log_every")
+    FLOAT_FIELDS = ("kd_weight", "temperature", "theta", "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+                    "grad_clip", "epochs")
+
+    def _normalise(self) -> None:
+        """Paths given as pathlib.Path become str (they are written to JSON); a loader without its own seed takes
+        the run's `seed`, as `cdm train --seed` does."""
+        for name in self.PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
+        if not isinstance(self.loader, D.LoaderConfig):
+            raise ConfigError(f"loader must be a cdm.train.LoaderConfig, got {type(self.loader).__name__}")
+        if self.loader.seed is None:
+            self.loader = replace(self.loader, seed=self.seed)
+
     def validate(self) -> None:
         """Refuse nonsense numbers and names up front (CLI and Python API alike); messages name the CLI flag.
 
@@ -77,6 +101,16 @@ class TrainConfig:
         def need(ok: bool, flag: str, rule: str, value: Any) -> None:
             if not ok:
                 raise ConfigError(f"{flag} must be {rule} (got {value!r})")
+
+        def flag(name: str) -> str:
+            return {"beta1": "beta1", "beta2": "beta2"}.get(name, "--" + name.replace("_", "-"))
+
+        for name in self.INT_FIELDS:  # a string or float from a hand-written config gets a message, not a TypeError
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, int) and not isinstance(v, bool)), flag(name), "an integer", v)
+        for name in self.FLOAT_FIELDS:
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), flag(name), "a number", v)
 
         def finite(x: Any) -> bool:
             return isinstance(x, (int, float)) and math.isfinite(x)
@@ -110,6 +144,7 @@ class TrainConfig:
         need(self.eval_every >= 0, "--eval-every", ">= 0 (0: off)", self.eval_every)
         need(self.eval_sequences >= 0, "--eval-sequences", ">= 0", self.eval_sequences)
         need(self.log_every >= 1, "--log-every", ">= 1", self.log_every)
+        self._normalise()  # last: the loader takes the seed checked above
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loader"}

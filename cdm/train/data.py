@@ -52,7 +52,7 @@ class LoaderConfig:
     window_blocks: int = 8  # blocks whose sequences are shuffled and bucketed together
     pad_multiple: int = 8  # pad the time axis to a multiple of this
     kd_topk: int | None = None  # keep the first k stored teacher candidates (None: all)
-    seed: int = 0
+    seed: int | None = None  # data order (None: TrainConfig.seed; 0 when used on its own)
     dual: bool = False  # gather same-tokenizer teacher rows (dual setting)
     uld: bool = False  # gather index-paired teacher response rows (ULD baseline)
 
@@ -65,7 +65,7 @@ class LoaderConfig:
                 raise ValueError(f"{flag} must be >= {low} (got {value})")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1 (got {self.max_tokens})")
-        if self.seed < 0:
+        if self.seed is not None and self.seed < 0:
             raise ValueError(f"--seed must be >= 0 (got {self.seed})")
         if self.max_tokens is not None and self.max_tokens < _round_up(self.max_length, self.pad_multiple):
             raise ValueError(
@@ -152,7 +152,7 @@ class Window:
 
 def epoch_plan(blocks: Sequence[np.ndarray], lengths: np.ndarray, cfg: LoaderConfig, epoch: int) -> list[Window]:
     """The deterministic micro-batch order of one epoch (a pure function of the blocks, lengths, config, epoch)."""
-    rng = np.random.default_rng([cfg.seed, epoch])
+    rng = np.random.default_rng([cfg.seed or 0, epoch])
     order = rng.permutation(len(blocks))
     windows = []
     for w in range(0, len(order), cfg.window_blocks):

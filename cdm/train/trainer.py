@@ -128,6 +128,8 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     lcfg = replace(cfg.loader, dual="kl" in weights, uld="uld" in weights)
     if "kl" in weights and not cfg.dual_store:
         raise ConfigError("--loss uses 'kl' (same-tokenizer teacher) but no --dual-store was given")
+    if cfg.max_steps is None and cfg.epochs is None:
+        raise ConfigError("give --max-steps or --epochs")
     check_out(cfg)
 
     # --- stores, student, checks
@@ -172,8 +174,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     micro_per_step = cfg.grad_accum * d.world
     max_steps = cfg.max_steps
     if max_steps is None:
-        if cfg.epochs is None:
-            raise ConfigError("give --max-steps or --epochs")
+        assert cfg.epochs is not None
         max_steps = max(1, int(math.ceil(plan.epoch_size(0) * cfg.epochs / micro_per_step)))
     identity = run_identity(teacher, map_store, dual, objective, n_eval)
     model_dir = os.path.join(cfg.out, "model")

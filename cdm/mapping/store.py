@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, overload
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ import zarr
 from cdm.mapping.vocab_maps import Neighbours, pair_keys
 from cdm.storage.fields import FieldSpec, blosc_zstd
 from cdm.storage.fs import Location
-from cdm.storage.ragged import RaggedShardWriter, RaggedStoreReader, StoreError, read_manifest
+from cdm.storage.ragged import RaggedShardWriter, RaggedStoreReader, StoreError, StoreView
 
 FORMAT = "cdm-map-store"
 VERSION = 1
@@ -267,7 +267,7 @@ def map_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-class MapStore:
+class MapStore(StoreView[MapSequence]):
     """Reads a map store: ``len``, ``store[i]`` (or a slice) -> MapSequence, ``vocab`` -> VocabMaps, lookups by
     teacher sequence (`position_of`), provenance checks."""
 
@@ -278,23 +278,6 @@ class MapStore:
         self.manifest = self._r.manifest
         self._vocab: VocabMaps | None = None
         self._teacher_index: np.ndarray | None = None
-
-    @staticmethod
-    def exists(url: str | os.PathLike[str]) -> bool:
-        return read_manifest(Location(url)) is not None
-
-    @property
-    def url(self) -> str:
-        return self._r.loc.url
-
-    @property
-    def key(self) -> str:
-        """The map's identity (teacher store key, student tokenizer hash, build settings)."""
-        return str(self.manifest["key"])
-
-    @property
-    def is_complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
 
     @property
     def report(self) -> dict[str, Any] | None:
@@ -328,18 +311,7 @@ class MapStore:
             self._vocab = VocabMaps.load(self._r.loc, "vocab")
         return self._vocab
 
-    def __len__(self) -> int:
-        return len(self._r)
-
-    @overload
-    def __getitem__(self, i: int) -> MapSequence: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[MapSequence]: ...
-
-    def __getitem__(self, i: int | slice) -> MapSequence | list[MapSequence]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _get(self, i: int) -> MapSequence:
         return self._sequence(self._r.row(i), self._r.arrays(i))
 
     @staticmethod
@@ -372,6 +344,3 @@ class MapStore:
                 f"the student's tokenizer hashes to {student_tokenizer_hash[:12]}…; rebuild the map"
             )
 
-    @property
-    def reader(self) -> RaggedStoreReader:
-        return self._r

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar, overload
 
 import numpy as np
 import pyarrow as pa
@@ -758,3 +758,52 @@ def bytes_on_disk(manifest: dict[str, Any]) -> int:
 
 def safe_ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+SequenceT = TypeVar("SequenceT")
+
+
+class StoreView(Generic[SequenceT]):
+    """What every store reader shares over its RaggedStoreReader `_r`: location, identity, completeness, length and
+    indexing (an int, negative ones too, or a slice -> a list); subclasses say how one sequence is built (`_get`)."""
+
+    _r: RaggedStoreReader
+    manifest: dict[str, Any]
+
+    @staticmethod
+    def exists(url: str | os.PathLike[str]) -> bool:
+        return read_manifest(Location(url)) is not None
+
+    @property
+    def url(self) -> str:
+        return self._r.loc.url
+
+    @property
+    def key(self) -> str:
+        """The store's identity: the hash of everything that decided its content (see the manifest)."""
+        return str(self.manifest["key"])
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def reader(self) -> RaggedStoreReader:
+        return self._r
+
+    def __len__(self) -> int:
+        return len(self._r)
+
+    @overload
+    def __getitem__(self, i: int) -> SequenceT: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[SequenceT]: ...
+
+    def __getitem__(self, i: int | slice) -> SequenceT | list[SequenceT]:
+        if isinstance(i, slice):
+            return [self._get(j) for j in range(*i.indices(len(self)))]
+        return self._get(i)
+
+    def _get(self, i: int) -> SequenceT:
+        raise NotImplementedError

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, overload
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ from cdm.storage.ragged import (
     RaggedShardWriter,
     RaggedStoreReader,
     StoreError,
+    StoreView,
     bytes_on_disk,
     read_manifest,
 )
@@ -249,7 +250,7 @@ class TeacherStoreWriter:
             self.commit()
 
 
-class TeacherStore:
+class TeacherStore(StoreView[TeacherSequence]):
     """Reads a teacher store: ``len``, ``store[i]`` (a TeacherSequence of numpy arrays), iteration, manifest.
 
     Only the rows of the requested sequence are read (Zarr chunk reads); handles reopen after fork, so a
@@ -276,16 +277,8 @@ class TeacherStore:
         self._codec_fields = list(self.codec.fields(self.k))
 
     @staticmethod
-    def exists(url: str | os.PathLike[str]) -> bool:
-        return read_manifest(Location(url)) is not None
-
-    @staticmethod
     def read_manifest(url: str | os.PathLike[str]) -> dict[str, Any] | None:
         return read_manifest(Location(url))
-
-    @property
-    def url(self) -> str:
-        return self._r.loc.url
 
     @property
     def k(self) -> int:
@@ -296,14 +289,6 @@ class TeacherStore:
         return int(self.manifest["vocab_size"])
 
     @property
-    def key(self) -> str:
-        return str(self.manifest["key"])
-
-    @property
-    def is_complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
-
-    @property
     def n_tokens(self) -> int:
         return int(self.manifest["totals"]["tokens"])
 
@@ -311,18 +296,7 @@ class TeacherStore:
     def bytes_on_disk(self) -> int:
         return bytes_on_disk(self.manifest)
 
-    def __len__(self) -> int:
-        return len(self._r)
-
-    @overload
-    def __getitem__(self, i: int) -> TeacherSequence: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[TeacherSequence]: ...
-
-    def __getitem__(self, i: int | slice) -> TeacherSequence | list[TeacherSequence]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _get(self, i: int) -> TeacherSequence:
         return self._sequence(self._r.row(i), self._r.arrays(i))
 
     def _sequence(self, row: dict[str, Any], arr: dict[str, np.ndarray]) -> TeacherSequence:
@@ -366,9 +340,6 @@ class TeacherStore:
         """The on-disk (encoded) token-level arrays of sequence i."""
         return self._r.arrays(i)
 
-    @property
-    def reader(self) -> RaggedStoreReader:
-        return self._r
 
     def tokenizer_json(self) -> str | None:
         """The teacher tokenizer's JSON saved with the store, or None for stores written without it."""

@@ -87,3 +87,54 @@ def test_resume_and_close_on_s3_read_every_commit_part(s3, monkeypatch):
     assert sorted(by_src) == list(range(30))
     for s in seqs:
         assert_sequences_equal(s, by_src[s.source_index])
+
+
+class _Rows:
+    """A map-style dataset over a store (what cdm train's loader does in its DataLoader workers)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, i):
+        s = self.store[i]
+        return int(s.source_index), int(s.token_ids.sum())
+
+
+def test_s3_store_reads_in_forked_dataloader_workers(s3, monkeypatch):
+    """s3fs is not fork-safe: the reader's filesystem is re-created in each forked worker (the parent's event loop
+    and connections would raise 'This class is not fork-safe')."""
+    import torch
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    url = "s3://cdm-bucket/forked"
+    seqs = [random_sequence(np.random.default_rng(13), i) for i in range(6)]
+    write_store(url, seqs, num_shards=2, chunk_rows=16, storage_options=s3)
+    store = TeacherStore(url, storage_options=s3)
+    _ = store[0]  # the parent has used its filesystem (and a shard's table) before the fork
+    dl = torch.utils.data.DataLoader(_Rows(store), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    got = sorted(tuple(int(v) for v in row) for row in dl)
+    assert got == sorted((s.source_index, int(s.token_ids.sum())) for s in seqs)
+
+
+def test_s3_listing_sees_files_another_process_wrote(s3, monkeypatch):
+    """The manifest reconciliation lists shards/ again after its own write: a file another worker added in between
+    (written here with boto3, bypassing this process's s3fs directory cache) must be in the second listing."""
+    import boto3
+
+    from cdm.storage.fs import Location
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    loc = Location("s3://cdm-bucket/listing", s3)
+    loc.write_bytes(b"{}", "shards", "shard-00000.json")
+    assert loc.listdir("shards") == ["shard-00000.json"]
+    assert set(loc.files("shards")) == {"shard-00000.json"}
+    boto3.client("s3", endpoint_url=s3["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").put_object(
+        Bucket="cdm-bucket", Key="listing/shards/shard-00001.json", Body=b"{}")
+    assert loc.listdir("shards") == ["shard-00000.json", "shard-00001.json"]
+    assert set(loc.files("shards")) == {"shard-00000.json", "shard-00001.json"}

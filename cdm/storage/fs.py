@@ -16,12 +16,28 @@ class Location:
     """A directory given as a local path or an fsspec URL (``s3://bucket/x``, ``memory://x``, ``file:///x``)."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
-        self.url = str(url)
+        self.url = os.fspath(url)
         self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        self.is_local = "file" in _protocols(self.fs)
+        self._fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self._pid = os.getpid()
+        self.is_local = "file" in _protocols(self._fs)
         if self.is_local:
             self.root = os.path.abspath(self.root)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, re-created in a forked child (DataLoader workers): an s3/gcs filesystem's event loop and
+        connections belong to the process that made them ("This class is not fork-safe")."""
+        if self._pid != os.getpid():
+            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+            self._pid = os.getpid()
+        return self._fs
+
+    def _fresh(self, path: str) -> None:
+        """Forget cached listings under `path` (s3fs/gcsfs answer `ls`/`exists` from a directory cache, which would
+        hide files that other writers added since: the manifest reconciliation must see them)."""
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -99,6 +115,7 @@ class Location:
 
     def listdir(self, *parts: str) -> list[str]:
         p = self.path(*parts)
+        self._fresh(p)
         if not self.fs.exists(p):
             return []
         return sorted(os.path.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False))
@@ -106,6 +123,7 @@ class Location:
     def files(self, *parts: str) -> dict[str, int]:
         """Every file under a folder, as relative path -> size in bytes."""
         base = self.path(*parts).rstrip("/")
+        self._fresh(base)
         if not self.fs.exists(base):
             return {}
         found = self.fs.find(base, detail=True)

@@ -243,10 +243,10 @@ def asset_cache(out: Path) -> Path:
     """Where the extracted teacher and student tokenizer live: $CDM_CACHE (or $CDM_CACHE_DIR) when set (shared
     across runs), else ``out/cache`` (everything the demo writes stays under --out; converting the teacher again
     costs ~20 s)."""
-    from cdm.paths import cache_env
+    from cdm.paths import cache_env, is_url
 
     env = cache_env(prefer="CDM_CACHE")
-    return Path(env) if env else out / "cache"
+    return Path(env).expanduser() if env and not is_url(env) else out / "cache"  # assets need a local folder
 
 
 #: caches that libraries write outside the working folder by default -> their folder under ``out/cache``

@@ -16,9 +16,28 @@ def cache_env(prefer: str = "CDM_CACHE_DIR") -> str | None:
     return None
 
 
-def cache_dir(prefer: str = "CDM_CACHE_DIR") -> Path:
-    """$CDM_CACHE_DIR or $CDM_CACHE (`prefer` wins if both are set), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True for an fsspec URL (``s3://b/x``, ``memory://x``): kept as a string, never turned into a local Path."""
+    return "://" in os.fspath(path)
+
+
+def _local_default() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdm"
+
+
+def cache_location(prefer: str = "CDM_CACHE_DIR") -> str:
+    """Where shared caches (teacher stores, vocabulary maps) live: $CDM_CACHE_DIR or $CDM_CACHE (`prefer` wins if
+    both are set), which may be an fsspec URL such as s3://bucket/cdm, else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
     env = cache_env(prefer)
     if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdm"
+        return env if is_url(env) else str(Path(env).expanduser())
+    return str(_local_default())
+
+
+def cache_dir(prefer: str = "CDM_CACHE_DIR") -> Path:
+    """The local cache folder, for what must be on local disk (extracted model assets): as `cache_location`, but a
+    URL in the environment falls back to $XDG_CACHE_HOME/cdm or ~/.cache/cdm."""
+    env = cache_env(prefer)
+    if env and not is_url(env):
+        return Path(env).expanduser()
+    return _local_default()

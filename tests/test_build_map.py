@@ -573,3 +573,16 @@ def test_map_store_reader_conveniences(tiny, clean_map):
     t = TeacherStore(tiny["store"])
     assert [s.seq_id for s in t[-3:]] == [t[i].seq_id for i in range(len(t) - 3, len(t))]
     assert t[5:2] == []
+
+
+def test_vocabulary_maps_cache_in_a_url_folder(tiny, clean_map, tmp_path):
+    """A URL --cache-dir (shared through a bucket) caches the vocabulary maps there: the second build reads them."""
+    lines: list[str] = []
+    cache = "memory://cdm-vocab-cache"
+    for i in range(2):
+        res = B.build_map(tiny["store"], tiny["student"], str(tmp_path / f"m{i}"), workers=1, cache_dir=cache,
+                          progress=False, log=lines.append)
+        drop = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}  # noqa: E731
+        assert drop(res.report) == drop(clean_map[1].report)
+    cached = [x for x in lines if x.startswith("vocabulary maps: ")]
+    assert cached[0].startswith("vocabulary maps: computing") and cached[1].startswith(f"vocabulary maps: cached at {cache}/vocab-maps/")

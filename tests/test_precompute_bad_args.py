@@ -30,6 +30,7 @@ QUIET = {"progress": False, "echo": lambda s: None}
     ({"device": "bogus"}, "--device must be auto, cpu, cuda, cuda:N or mps"),
     ({"writer_mode": "proc"}, "--writer must be one of"),
     ({"memory_budget_mb": 0}, "--memory-budget-mb must be positive"),
+    ({"writer_mode": "process", "out": "memory://cdm-proc/store"}, "--writer process cannot write memory://cdm-proc/store"),
     ({"backend_options": {"tensor_parallel_size": 4}}, "backend options (tensor_parallel_size; e.g. --tensor-parallel-size) are for --backend vllm"),
 ])
 def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, options, message):
@@ -37,7 +38,8 @@ def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, o
     data = write_jsonl(tmp_path / "d.jsonl", text_records(4, seed=1))
     out = tmp_path / "store"
     with pytest.raises(ValueError, match=re.escape(message)):
-        run(str(tiny_teacher), str(data), str(out), **{"top_k": 4, "text_field": "text", **options}, **QUIET)
+        run(str(tiny_teacher), str(data), options.pop("out", str(out)), **{"top_k": 4, "text_field": "text", **options},
+            **QUIET)
     assert not out.exists()
     run(str(tiny_teacher), str(data), str(out), top_k=4, text_field="text", **QUIET)  # the corrected command works
     assert len(TeacherStore(str(out))) == 4

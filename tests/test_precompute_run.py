@@ -229,6 +229,22 @@ def test_resolve_shard_from_flags_torchrun_and_slurm():
         resolve_shard(4, 4, {})
     with pytest.raises(ValueError, match=r"shard index 5 .* \$WORLD_SIZE / \$RANK"):
         resolve_shard(None, None, {"WORLD_SIZE": "2", "RANK": "5"})
+    # one flag, the other from the launcher; a flag the launcher cannot complete is an error, never a silent shard 0
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1"}
+    assert resolve_shard(2, None, torchrun) == (2, 1)
+    assert resolve_shard(None, 1, torchrun) == (2, 1)
+    assert resolve_shard(1, None, {}) == (1, 0)
+    with pytest.raises(ValueError, match=r"--num-shards 2 needs --shard-index \(0 to 1\) outside torchrun"):
+        resolve_shard(2, None, {})
+    with pytest.raises(ValueError, match=r"--num-shards 4 but \$WORLD_SIZE / \$RANK says 2 workers"):
+        resolve_shard(4, None, torchrun)
+    with pytest.raises(ValueError, match=r"--shard-index 1 needs --num-shards"):
+        resolve_shard(None, 1, {})
+    # a SLURM array with a step: --array=0-6:2 is 4 tasks with ids 0, 2, 4, 6
+    for task, index in ((0, 0), (2, 1), (4, 2), (6, 3)):
+        slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0",
+                 "SLURM_ARRAY_TASK_STEP": "2"}
+        assert resolve_shard(None, None, slurm) == (4, index)
 
 
 def test_id_table_codec_round_trips_and_is_shared_by_shards(tmp_path, tiny_teacher):
@@ -373,3 +389,19 @@ def test_ctrl_c_commits_what_was_handed_over_and_says_how_to_resume(tmp_path, ti
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert sorted(by_source(out)) == list(range(12))
+
+
+def test_a_url_cache_dir_holds_the_stores_and_cdm_ls_lists_them(tmp_path, tiny_teacher):
+    """--cache-dir (or $CDM_CACHE_DIR) may be an fsspec URL: the store lands under <url>/stores/<key>, a second
+    experiment finds it there, and `cdm ls` lists it with the shards' bytes."""
+    from cdm.precompute.cache import list_stores
+
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(5, seed=9))
+    cache = "memory://cdm-url-cache"
+    first = run(str(tiny_teacher), str(data), top_k=3, text_field="text", cache_dir=cache, **QUIET)
+    assert first.url.startswith(cache + "/stores/") and first.computed
+    again = run(str(tiny_teacher), str(data), top_k=3, text_field="text", cache_dir=cache, **QUIET)
+    assert again.url == first.url and not again.computed
+    listed = list_stores(cache)
+    assert [s.path for s in listed] == [first.url] and listed[0].sequences == 5 and listed[0].bytes > 0
+    assert list_stores("memory://cdm-url-cache-empty") == []

@@ -49,11 +49,11 @@ MAP_FORMAT_TAG = "cdm-map-v1"
 VOCAB_DONE = "vocab.done"  # marker written after every vocab/ array, so a build killed mid-save redoes them
 
 
-def default_cache_dir() -> Path:
-    """$CDM_CACHE_DIR (or $CDM_CACHE), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
-    from cdm.paths import cache_dir
+def default_cache_dir() -> str:
+    """$CDM_CACHE_DIR (or $CDM_CACHE; a local folder or an fsspec URL), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+    from cdm.paths import cache_location
 
-    return cache_dir()
+    return cache_location()
 
 
 @dataclass
@@ -117,10 +117,34 @@ def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, l
     )
 
 
-def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: Path, log: Callable[[str], None] = _stderr) -> VocabMaps:
-    """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically."""
+def vocab_cache_path(cache_dir: str | os.PathLike[str], key: str) -> str:
+    """Where the vocabulary maps of key `key` are cached under `cache_dir` (a local folder or an fsspec URL)."""
+    from cdm.paths import is_url
+
+    if is_url(cache_dir):
+        return f"{os.fspath(cache_dir).rstrip('/')}/vocab-maps/{key}"
+    return str(Path(cache_dir).expanduser() / "vocab-maps" / key)
+
+
+def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: str | os.PathLike[str],
+                      log: Callable[[str], None] = _stderr) -> VocabMaps:
+    """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically (a local folder:
+    built aside, then renamed into place; an fsspec URL: the `done` marker is written last, readers wait for it)."""
+    from cdm.paths import is_url
+
     key = vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts)
-    path = cache_dir / "vocab-maps" / key
+    if is_url(cache_dir):
+        url = vocab_cache_path(cache_dir, key)
+        loc = Location(url)
+        if loc.exists("done"):
+            log(f"vocabulary maps: cached at {url}")
+            return VocabMaps.load(loc)
+        log("vocabulary maps: computing (cached afterwards for this tokenizer pair)")
+        maps = compute_vocab_maps(teacher_tok, student_tok, opts, log)
+        maps.save(loc)  # a concurrent builder writes the same bytes
+        loc.write_bytes(b"ok\n", "done")
+        return maps
+    path = Path(vocab_cache_path(cache_dir, key))
     loc = Location(str(path))
     if loc.exists("done"):
         log(f"vocabulary maps: cached at {path}")
@@ -429,9 +453,9 @@ def build_map(
         "theta": theta,
         "space_insensitive": space_insensitive,
     }
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = os.fspath(cache_dir) if cache_dir else default_cache_dir()
     maps = cached_vocab_maps(teacher_tok, student_tok, opts, cache, log)
-    maps_path = str(cache / "vocab-maps" / vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts))
+    maps_path = vocab_cache_path(cache, vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts))
     shards = tstore.reader.shards
     starts = tstore.reader._shard_starts
     computed = False

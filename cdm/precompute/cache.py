@@ -31,15 +31,22 @@ def _dir_bytes(path: str) -> int:
 
 
 def list_stores(cache_dir: str | None = None) -> list[CachedStore]:
-    """Every directory under <cache_dir>/stores holding a teacher store, oldest first."""
-    from cdm.storage import StoreError, TeacherStore
+    """Every folder under <cache_dir>/stores holding a teacher store, oldest first; `cache_dir` may be an fsspec URL
+    (there the size is the manifest's shard bytes: walking a bucket prefix would cost a listing per folder)."""
+    from cdm.paths import is_url
+    from cdm.storage import Location, StoreError, TeacherStore
+    from cdm.storage.ragged import bytes_on_disk
 
-    root = os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR)
-    if not os.path.isdir(root):
-        return []
+    base = os.fspath(cache_dir) if cache_dir else default_cache_dir()
+    remote = is_url(base)
+    root = f"{base.rstrip('/')}/{STORES_SUBDIR}" if remote else os.path.join(os.path.expanduser(base), STORES_SUBDIR)
+    if remote:
+        names = Location(root).listdir()
+    else:
+        names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     out = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
+    for name in names:
+        path = f"{root}/{name}" if remote else os.path.join(root, name)
         try:
             m: dict[str, Any] | None = TeacherStore.read_manifest(path)
         except StoreError:
@@ -49,7 +56,8 @@ def list_stores(cache_dir: str | None = None) -> list[CachedStore]:
         tot = m.get("totals", {})
         out.append(CachedStore(
             path=path, key=str(m.get("key")), complete=bool(m.get("complete")), sequences=int(tot.get("sequences", 0)),
-            tokens=int(tot.get("tokens", 0)), bytes=_dir_bytes(path), teacher=str(m.get("teacher", {}).get("source")),
+            tokens=int(tot.get("tokens", 0)), bytes=bytes_on_disk(m) if remote else _dir_bytes(path),
+            teacher=str(m.get("teacher", {}).get("source")),
             data=list(m.get("data", {}).get("paths", [])), k=int(m.get("k", 0)),
             backend=str(m.get("capture", {}).get("backend")), created=str(m.get("created", "")),
         ))

@@ -30,9 +30,10 @@ def precompute_command(
     truncation: Annotated[str, typer.Option("--truncation", help="Longer sequences: truncate (flagged) or skip.")] = "truncate",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N input rows.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split (hub datasets, saved DatasetDicts).")] = "train",
-    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Data-parallel workers "
-                                                      "(default: $WORLD_SIZE, else 1).")] = None,
-    shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This worker (default: $RANK, else 0).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", help="Data-parallel workers (default: torchrun's "
+                                                      "$WORLD_SIZE or the SLURM array's task count, else 1).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option("--shard-index", help="This worker, 0-based (default: $RANK or the "
+                                                       "SLURM array task's position, else 0).")] = None,
     cache_dir: Annotated[Optional[str], typer.Option("--cache-dir", help="Store cache (default $CDM_CACHE_DIR or $CDM_CACHE, "
                                                      "else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")] = "auto",

@@ -40,10 +40,10 @@ STORES_SUBDIR = "stores"
 
 
 def default_cache_dir() -> str:
-    """$CDM_CACHE_DIR (or $CDM_CACHE), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
-    from cdm.paths import cache_dir
+    """$CDM_CACHE_DIR (or $CDM_CACHE; a local folder or an fsspec URL), else $XDG_CACHE_HOME/cdm, else ~/.cache/cdm."""
+    from cdm.paths import cache_location
 
-    return str(cache_dir())
+    return cache_location()
 
 
 def default_memory_budget_mb(memory_budget_mb: int | None, device: str) -> int:
@@ -56,20 +56,46 @@ def default_memory_budget_mb(memory_budget_mb: int | None, device: str) -> int:
     return 256 if str(device).startswith("cpu") else 1024
 
 
+def launcher_shard(env: Mapping[str, str]) -> tuple[int, int, str] | None:
+    """(workers, this worker's index, where they came from) from torchrun (WORLD_SIZE/RANK) or a SLURM job array
+    (task count, (task id - min) / step, so `--array=0-6:2` gives indices 0..3); None outside both."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["WORLD_SIZE"]), int(env["RANK"]), "$WORLD_SIZE / $RANK"
+    if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+        step = max(1, int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1))
+        index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))) // step
+        return (int(env["SLURM_ARRAY_TASK_COUNT"]), index,
+                "$SLURM_ARRAY_TASK_COUNT / ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN) / $SLURM_ARRAY_TASK_STEP")
+    return None
+
+
 def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(num_shards, shard_index) from the arguments, else torchrun's WORLD_SIZE/RANK, else a SLURM array, else (1, 0)."""
+    """(num_shards, shard_index): both flags as given; a missing one from the launcher (torchrun, a SLURM array);
+    neither flag nor launcher: (1, 0). A flag the launcher cannot complete is an error, not a silent shard 0:
+    two ranks given only `--num-shards 2` would otherwise both write shard 0."""
     env = os.environ if env is None else env
+    launched = launcher_shard(env)
     source = "--num-shards / --shard-index"
     if num_shards is None and shard_index is None:
-        if "WORLD_SIZE" in env and "RANK" in env:
-            num_shards, shard_index = int(env["WORLD_SIZE"]), int(env["RANK"])
-            source = "$WORLD_SIZE / $RANK"
-        elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            num_shards = int(env["SLURM_ARRAY_TASK_COUNT"])
-            shard_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            source = "$SLURM_ARRAY_TASK_COUNT / $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN"
-    num_shards = 1 if num_shards is None else int(num_shards)
-    shard_index = 0 if shard_index is None else int(shard_index)
+        if launched is None:
+            return 1, 0
+        num_shards, shard_index, source = launched
+    elif shard_index is None:
+        if launched is None:
+            if int(num_shards) != 1:
+                raise ValueError(f"--num-shards {num_shards} needs --shard-index (0 to {int(num_shards) - 1}) outside "
+                                 "torchrun or a SLURM array")
+            shard_index = 0
+        elif launched[0] != int(num_shards):
+            raise ValueError(f"--num-shards {num_shards} but {launched[2]} says {launched[0]} workers: give "
+                             "--shard-index too, or leave --num-shards out to use one shard per worker")
+        else:
+            shard_index, source = launched[1], f"--num-shards and the index from {launched[2]}"
+    elif num_shards is None:
+        if launched is None:
+            raise ValueError(f"--shard-index {shard_index} needs --num-shards outside torchrun or a SLURM array")
+        num_shards, source = launched[0], f"--shard-index and the count from {launched[2]}"
+    num_shards, shard_index = int(num_shards), int(shard_index)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard index {shard_index} must be in [0, {num_shards}) (shards from {source})")
     return num_shards, shard_index
@@ -255,6 +281,9 @@ def run(
                              top_k=top_k, max_length=max_length, truncation=truncation, add_special=add_special,
                              codec=codec if not id_table else f"{codec}+id_table{int(id_table)}")
     url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
+    if mode == "process" and str(url).startswith("memory://"):  # the spawned child would fill its own memory
+        raise ValueError(f"--writer process cannot write {url}: a memory:// store lives in one process; use "
+                         "--writer thread")
     data_fp = manifest["data"]["fingerprint"]
 
     def make_runner() -> Any:

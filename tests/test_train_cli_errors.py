@@ -229,6 +229,24 @@ def test_resume_refuses_loss_weight_changes(stores, tmp_path, change, flag):
     assert flag in str(e.value)
 
 
+def test_resume_keeps_the_micro_batches_per_step(stores, tmp_path):
+    """--resume may change the world size but not the global batch: world x --grad-accum must stay the same."""
+    from cdm.train.checkpoint import check_resumable
+
+    out = tmp_path / "run"
+    run(_cfg(stores, out, max_steps=1, grad_accum=2))
+    with pytest.raises(ConfigError, match=r"world size x --grad-accum\): 1 x 2 -> 1 x 1; keep the product 2 "
+                                          r"\(e.g. --grad-accum 2\)"):
+        run(_cfg(stores, out, max_steps=2, grad_accum=1, resume=True))
+    assert run(_cfg(stores, out, max_steps=2, grad_accum=2, resume=True)).step == 2
+    # 2 ranks x 1 resumed as 1 process x 2 is the same step; as 1 x 1, or 3 ranks, it is not
+    cfg = _cfg(stores, out, grad_accum=2)
+    saved = {"config": cfg.to_json(), "step_batches": {"world": 2, "grad_accum": 1}}
+    check_resumable(saved, cfg, {"step_batches": {"world": 1, "grad_accum": 2}})
+    with pytest.raises(ConfigError, match=r"keep the product 2 \(a world size that divides 2\)"):
+        check_resumable(saved, cfg, {"step_batches": {"world": 3, "grad_accum": 1}})
+
+
 def test_resume_accepts_the_same_weights_spelled_otherwise(stores, tmp_path):
     out = tmp_path / "run"
     run(_cfg(stores, out, max_steps=1))

@@ -79,15 +79,18 @@ OBJECTIVE_FLAGS = {"weights": "--loss/--kd-weight/--weights (part weights)", "te
                    "reverse": "--reverse", "kl_tail": "--kl-tail"}
 
 
-def run_identity(teacher: Any, map_store: MapStore, dual: Any, objective: Objective, n_eval: int) -> dict[str, Any]:
+def run_identity(teacher: Any, map_store: MapStore, dual: Any, objective: Objective, n_eval: int,
+                 world: int = 1, grad_accum: int = 1) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint, beyond the loader options: the stores' keys (content
     identities, so a moved or re-spelled path is the same store and another store at the same path is not), the
-    resolved objective, and the held-out split size. Saved in every checkpoint's trainer state."""
+    resolved objective, the held-out split size, and the micro-batches per optimiser step (world size ×
+    --grad-accum: the global batch; the world size itself may change). Saved in every checkpoint's trainer state."""
     return {
         "stores": {"store": str(teacher.key), "map": str(map_store.manifest.get("key")),
                    "dual_store": str(dual.key) if dual is not None else None},
         "objective": {f.name: getattr(objective, f.name) for f in fields(objective)},
         "held_out": int(n_eval),
+        "step_batches": {"world": int(world), "grad_accum": int(grad_accum)},
     }
 
 
@@ -138,6 +141,13 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, now: dict[str, Any]
             diffs.append(f"held-out sequences (--eval-sequences, --eval-every): {saved['held_out']} -> {now['held_out']}")
     elif conf.get("eval_sequences") != cfg.eval_sequences:
         diffs.append(f"eval_sequences: {conf.get('eval_sequences')!r} -> {cfg.eval_sequences!r}")
+    was, is_ = saved.get("step_batches"), now.get("step_batches")
+    if was and is_ and was["world"] * was["grad_accum"] != is_["world"] * is_["grad_accum"]:
+        keep = was["world"] * was["grad_accum"]
+        hint = (f"e.g. --grad-accum {keep // is_['world']}" if keep % is_["world"] == 0
+                else f"a world size that divides {keep}")
+        diffs.append(f"micro-batches per step (world size x --grad-accum): {was['world']} x {was['grad_accum']} -> "
+                     f"{is_['world']} x {is_['grad_accum']}; keep the product {keep} ({hint})")
     if diffs:
         raise ConfigError("--resume with options that change the data stream or objective: " + "; ".join(diffs))
 

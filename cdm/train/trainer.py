@@ -176,7 +176,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     if max_steps is None:
         assert cfg.epochs is not None
         max_steps = max(1, int(math.ceil(plan.epoch_size(0) * cfg.epochs / micro_per_step)))
-    identity = run_identity(teacher, map_store, dual, objective, n_eval)
+    identity = run_identity(teacher, map_store, dual, objective, n_eval, d.world, cfg.grad_accum)
     model_dir = os.path.join(cfg.out, "model")
 
     # --- optimiser, schedule, resume state

@@ -319,6 +319,8 @@ def run(
         runner = runner or make_runner()
         say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
         # process mode: the child reopens the shard (nothing is buffered in `writer`, which is not used again)
+        if mode == "process":
+            writer.release()  # the child opens the shard itself
         sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
         try:
             tokens_run = _process(ds, todo, sink, runner, fmt, render, tok, add_special, max_length, truncation,

@@ -252,8 +252,14 @@ def _writer_process(conn: Any, parent: int, writer_kwargs: Mapping[str, Any], da
             else:  # abort, or close after an error: keep what was added (resumable), report the outcome
                 if writer is not None:
                     writer.commit()
+                    writer.release()  # the parent may reopen the shard before this process has exited
                 conn.send(("aborted", None, writer.stats if writer is not None else {}))
         except BaseException as e:
+            if writer is not None:
+                try:
+                    writer.release()
+                except BaseException:  # noqa: BLE001 - the original error is what matters
+                    pass
             conn.send(("error", _picklable(e), traceback.format_exc()))
         return
 

@@ -40,6 +40,7 @@ import zarr
 from cdm.errors import CdmError
 from cdm.storage.fields import FieldSpec, layout
 from cdm.storage.fs import Location
+from cdm.storage.lease import LEASE_FILE, ShardLease
 
 MANIFEST = "manifest.json"
 WRITING = "_writing"
@@ -364,6 +365,8 @@ class RaggedShardWriter:
             self._done.update(int(s[0]) for s in entry.get("skipped", []))
             reconcile_manifest(self.loc, self.base)
             return
+        self._lease = ShardLease(self.loc, self.shard, WRITING)
+        self._lease.acquire()  # before reading the state: another live writer of this shard stops us here
         if self.loc.exists(self.shard, WRITING, "state.json"):
             st = self.loc.read_json(self.shard, WRITING, "state.json")
             known = set(_State.__dataclass_fields__)
@@ -419,7 +422,7 @@ class RaggedShardWriter:
         return {k: data[k] for k in self.fields}
 
     def _drop_orphans(self) -> None:
-        keep = {"state.json", f"tail-{self.state.gen}.npz", *(self.state.parts or []), *(self.state.hash_parts or [])}
+        keep = {"state.json", LEASE_FILE, f"tail-{self.state.gen}.npz", *(self.state.parts or []), *(self.state.hash_parts or [])}
         for name in self.loc.listdir(self.shard, WRITING):
             if name not in keep:
                 self.loc.remove(self.shard, WRITING, name)
@@ -465,6 +468,7 @@ class RaggedShardWriter:
         """Make everything added so far durable (see the module docstring for the protocol)."""
         if self.complete or (not self._buf_rows and not self._buf_skips):
             return
+        self._lease.check()  # a writer that lost the shard to another process writes nothing more
         st = self.state
         rows = {
             k: np.concatenate([self._tail[k], *self._buf_arrays[k]]) if self._buf_arrays[k] else self._tail[k]
@@ -528,6 +532,7 @@ class RaggedShardWriter:
         if self.complete:
             return reconcile_manifest(self.loc, self.base)
         self.commit()
+        self._lease.check()
         st = self.state
         if st.tail_rows:
             _write_concurrently({name: (arr, st.rows_in_zarr, self._tail[name]) for name, arr in self._arrays.items()})
@@ -576,9 +581,16 @@ class RaggedShardWriter:
         }
         self.loc.write_json(entry, "shards", self.shard + ".json")
         manifest = reconcile_manifest(self.loc, self.base)
+        self._lease.release()  # the heartbeat must not recreate _writing/ after it is removed
         self.loc.remove(self.shard, WRITING, recursive=True)
         self.complete = True
         return manifest
+
+    def release(self) -> None:
+        """Give the shard up without closing it (what was committed stays): another process may open it at once,
+        e.g. the writer child of `--writer process`. A complete shard has nothing to give up."""
+        if not self.complete:
+            self._lease.forget()
 
     def stats(self) -> dict[str, Any]:
         return {"sequences": self.state.n_sequences, "tokens": self.state.n_tokens, "skipped": len(self.state.skipped or [])}

@@ -223,6 +223,10 @@ class TeacherStoreWriter:
     def close(self) -> dict[str, Any]:
         return self._w.close()
 
+    def release(self) -> None:
+        """Give the shard up without closing it (what was committed stays), so another process may open it now."""
+        self._w.release()
+
     @property
     def stats(self) -> dict[str, Any]:
         st = self._w.state

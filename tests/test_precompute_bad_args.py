@@ -184,3 +184,25 @@ def test_paths_may_be_pathlib_and_a_rerun_reports_the_same_stats_keys(tmp_path, 
         assert again.stats[k] == first.stats[k], k
     assert again.stats["sequences"] == 5 and sum(again.stats["skipped"].values()) == 1
     assert again.stats["tokens_this_run"] == 0 and first.stats["tokens_this_run"] == first.stats["tokens"]
+
+
+def test_cli_commit_tokens_reaches_the_writer_and_is_checked(tmp_path, tiny_teacher, monkeypatch):
+    """--commit-tokens sets how much a killed worker keeps; 0 is refused before anything is written."""
+    import sys
+
+    seen: dict = {}
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sys.modules["cdm.precompute.run"], "run", fake_run)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(2, seed=6))
+    args = ["precompute", "--teacher", str(tiny_teacher), "--data", str(data), "--out", str(tmp_path / "s"),
+            "--text-field", "text", "--no-progress"]
+    r = CliRunner().invoke(app, args + ["--commit-tokens", "512"])
+    assert r.exit_code == 2 and "error: stop here" in r.output and seen["commit_tokens"] == 512
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--commit-tokens must be >= 1"):
+        run(str(tiny_teacher), str(data), str(tmp_path / "s"), top_k=4, text_field="text", commit_tokens=0, **QUIET)
+    assert not (tmp_path / "s").exists()

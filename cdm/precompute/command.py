@@ -51,6 +51,8 @@ def precompute_command(
     writer: Annotated[str, typer.Option("--writer", help="Where the store is encoded and written: thread, process "
                                         "(a child process: no GIL shared with the device loop, but a pipe "
                                         "transfer), auto (= thread; see benchmarks/RESULTS.md).")] = "auto",
+    commit_tokens: Annotated[int, typer.Option("--commit-tokens", help="Make the shard durable every N tokens: what a "
+                                               "killed worker keeps (not part of the store's key).")] = 65536,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (instead of the store "
                                           "path).")] = False,
@@ -68,7 +70,7 @@ def precompute_command(
                   chat_template=chat_template, tokenizer=tokenizer, max_length=max_length, truncation=truncation,
                   limit=limit, split=split, num_shards=num_shards, shard_index=shard_index, cache_dir=cache_dir,
                   dtype=dtype, device=device, batch_tokens=batch_tokens, memory_budget_mb=memory_budget_mb,
-                  codec=codec, id_table=id_table, writer_mode=writer, progress=progress, echo=lambda s: typer.echo(s, err=True),
+                  codec=codec, id_table=id_table, writer_mode=writer, commit_tokens=commit_tokens, progress=progress, echo=lambda s: typer.echo(s, err=True),
                   backend_options={"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else None)
     except (DataError, TeacherError, OffsetsUnavailable, StoreError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -383,7 +383,7 @@ def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batc
     """Refuse meaningless numeric options up front, naming the flag (before any store is created, so a typo cannot
     leave a store behind that blocks the corrected command)."""
     minimum = {"--top-k": (top_k, 1), "--batch-tokens": (batch_tokens, 1), "--id-table": (id_table, 0),
-               "commit_tokens": (commit_tokens, 1), "window_rows": (window_rows, 1)}
+               "--commit-tokens": (commit_tokens, 1), "window_rows": (window_rows, 1)}
     if max_length is not None:
         minimum["--max-length"] = (max_length, 2)  # one token predicts nothing the student could be trained on
     if limit is not None:

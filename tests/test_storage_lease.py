@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cdm.storage import TeacherStore, TeacherStoreWriter
+from cdm.storage import StoreError, TeacherStore, TeacherStoreWriter
 from cdm.storage.lease import TTL_S, LeaseHeld, ShardLease, holder_alive
 from cdm.storage.fs import Location
 from tests.storage_helpers import manifest_sections, random_sequence
@@ -49,6 +49,7 @@ def test_a_live_process_on_this_host_holds_the_shard_until_it_exits(tmp_path):
         with pytest.raises(LeaseHeld) as e:
             TeacherStoreWriter(url, **KW)
         msg = str(e.value)
+        assert isinstance(e.value, StoreError)  # every CLI reports a StoreError as one `error:` line
         assert f"shard-00000 is being written by pid {holder.pid} on host {socket.gethostname()}" in msg
         assert "wait for it to finish" in msg and _lease_file(url) in msg
     finally:

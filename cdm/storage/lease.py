@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from cdm.errors import CdmError
+from cdm.storage.errors import StoreError
 from cdm.storage.fs import Location
 
 LEASE_FILE = "lease.json"
@@ -27,8 +27,8 @@ TTL_S = 300.0  # a lease from another host without a heartbeat for this long is 
 BEAT_S = 60.0  # how often the holder refreshes its heartbeat
 
 
-class LeaseHeld(CdmError):
-    """Another live process is writing this shard."""
+class LeaseHeld(StoreError):
+    """Another live process is writing this shard (a StoreError: the CLIs report it as an `error:` line)."""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from cdm.errors import CdmError
+from cdm.storage.errors import StoreError
 from cdm.storage.fields import FieldSpec, layout
 from cdm.storage.fs import Location
 from cdm.storage.lease import LEASE_FILE, ShardLease
@@ -46,10 +46,6 @@ MANIFEST = "manifest.json"
 WRITING = "_writing"
 ZARR_GROUP = "tokens"  # shard-N/tokens/ is a pure Zarr v3 group; the Parquet table sits beside it
 DETAIL_KEYS = ("files", "skipped")  # kept in shards/shard-N.json only, so the manifest stays small
-
-
-class StoreError(CdmError):
-    """A store is missing, of another kind or version, inconsistent, or refuses a write."""
 
 
 def shard_name(index: int) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from cdm.errors import OptionError
+
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def parse_device(device: str, error: type[Exception] = ValueError) -> torch.device | None:
+def parse_device(device: str, error: type[Exception] = OptionError) -> torch.device | None:
     """`--device` as a torch.device (None for 'auto'); refuses names torch does not know or cdm does not run on
     (meta, xla, cpu:0 ...) with `error`, naming the flag."""
     if device == "auto":
@@ -21,7 +23,7 @@ def parse_device(device: str, error: type[Exception] = ValueError) -> torch.devi
     return dev
 
 
-def check_device_available(dev: torch.device, flag_value: str, error: type[Exception] = ValueError) -> None:
+def check_device_available(dev: torch.device, flag_value: str, error: type[Exception] = OptionError) -> None:
     """Refuse a device this machine does not have, before anything is written or loaded onto it."""
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -35,7 +37,7 @@ def check_device_available(dev: torch.device, flag_value: str, error: type[Excep
 
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' where available, else 'cpu'; any other name checked by `parse_device` and
-    `check_device_available` (ValueError) and returned as given."""
+    `check_device_available` (OptionError, a ValueError) and returned as given."""
     dev = parse_device(device)
     if dev is None:
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -577,8 +577,10 @@ def test_map_store_reader_conveniences(tiny, clean_map):
 
 def test_vocabulary_maps_cache_in_a_url_folder(tiny, clean_map, tmp_path):
     """A URL --cache-dir (shared through a bucket) caches the vocabulary maps there: the second build reads them."""
+    import uuid
+
     lines: list[str] = []
-    cache = "memory://cdm-vocab-cache"
+    cache = f"memory://cdm-vocab-cache-{uuid.uuid4().hex}"
     for i in range(2):
         res = B.build_map(tiny["store"], tiny["student"], str(tmp_path / f"m{i}"), workers=1, cache_dir=cache,
                           progress=False, log=lines.append)
@@ -586,3 +588,32 @@ def test_vocabulary_maps_cache_in_a_url_folder(tiny, clean_map, tmp_path):
         assert drop(res.report) == drop(clean_map[1].report)
     cached = [x for x in lines if x.startswith("vocabulary maps: ")]
     assert cached[0].startswith("vocabulary maps: computing") and cached[1].startswith(f"vocabulary maps: cached at {cache}/vocab-maps/")
+
+
+def test_two_builders_of_one_pair_at_a_url_cache_do_not_clobber_each_other(tiny):
+    """On a URL cache a second builder that missed the first one's `done` writes its own folder: the folder the first
+    one published (and its pool workers read) stays intact, and `done` names a complete copy."""
+    import uuid
+
+    import tokenizers
+
+    from cdm.mapping.store import VocabMaps
+    from cdm.storage.fs import Location
+
+    cache = f"memory://cdm-vocab-race-{uuid.uuid4().hex}"
+    store = TeacherStore(tiny["store"])
+    t_tok = tokenizers.Tokenizer.from_str(store.tokenizer_json())
+    t_tok.cdm_roles = B.teacher_roles(store.manifest)
+    s_tok = load_tokenizer(tiny["student"])
+    opts = B.BuildOptions(workers=1)
+    quiet = lambda m: None  # noqa: E731
+    maps_a, path_a = B.cached_vocab_maps(t_tok, s_tok, opts, cache, log=quiet)
+    Location(path_a.rsplit("/", 1)[0]).remove("done")  # the second builder started before the first published
+    _, path_b = B.cached_vocab_maps(t_tok, s_tok, opts, cache, log=quiet)
+    assert path_a != path_b
+    for path in (path_a, path_b):
+        got = VocabMaps.load(Location(path))
+        np.testing.assert_array_equal(got.em_t2s, maps_a.em_t2s)
+        np.testing.assert_array_equal(got.mined_t2s, maps_a.mined_t2s)
+    _, path_c = B.cached_vocab_maps(t_tok, s_tok, opts, cache, log=quiet)
+    assert path_c == path_b  # `done` names the last complete copy

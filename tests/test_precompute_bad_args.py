@@ -38,7 +38,8 @@ def test_bad_options_are_refused_before_a_store_exists(tmp_path, tiny_teacher, o
     data = write_jsonl(tmp_path / "d.jsonl", text_records(4, seed=1))
     out = tmp_path / "store"
     with pytest.raises(ValueError, match=re.escape(message)):
-        run(str(tiny_teacher), str(data), options.pop("out", str(out)), **{"top_k": 4, "text_field": "text", **options},
+        opts = dict(options)  # parametrize's dict is shared by reruns: do not pop from it
+        run(str(tiny_teacher), str(data), opts.pop("out", str(out)), **{"top_k": 4, "text_field": "text", **opts},
             **QUIET)
     assert not out.exists()
     run(str(tiny_teacher), str(data), str(out), top_k=4, text_field="text", **QUIET)  # the corrected command works

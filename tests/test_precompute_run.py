@@ -234,6 +234,7 @@ def test_resolve_shard_from_flags_torchrun_and_slurm():
     assert resolve_shard(2, None, torchrun) == (2, 1)
     assert resolve_shard(None, 1, torchrun) == (2, 1)
     assert resolve_shard(1, None, {}) == (1, 0)
+    assert resolve_shard(1, None, torchrun) == (1, 0)  # --num-shards 1 under any launcher: the one shard
     with pytest.raises(ValueError, match=r"--num-shards 2 needs --shard-index \(0 to 1\) outside torchrun"):
         resolve_shard(2, None, {})
     with pytest.raises(ValueError, match=r"--num-shards 4 but \$WORLD_SIZE / \$RANK says 2 workers"):
@@ -397,11 +398,13 @@ def test_a_url_cache_dir_holds_the_stores_and_cdm_ls_lists_them(tmp_path, tiny_t
     from cdm.precompute.cache import list_stores
 
     data = write_jsonl(tmp_path / "d.jsonl", text_records(5, seed=9))
-    cache = "memory://cdm-url-cache"
+    import uuid
+
+    cache = f"memory://cdm-url-cache-{uuid.uuid4().hex}"
     first = run(str(tiny_teacher), str(data), top_k=3, text_field="text", cache_dir=cache, **QUIET)
     assert first.url.startswith(cache + "/stores/") and first.computed
     again = run(str(tiny_teacher), str(data), top_k=3, text_field="text", cache_dir=cache, **QUIET)
     assert again.url == first.url and not again.computed
     listed = list_stores(cache)
     assert [s.path for s in listed] == [first.url] and listed[0].sequences == 5 and listed[0].bytes > 0
-    assert list_stores("memory://cdm-url-cache-empty") == []
+    assert list_stores(f"memory://cdm-url-cache-empty-{uuid.uuid4().hex}") == []

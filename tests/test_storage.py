@@ -553,3 +553,13 @@ def test_every_deliberate_error_shares_one_base():
                          (PrecomputeDataError, ValueError), (TeacherError, ValueError), (TokenizerError, ValueError),
                          (OffsetsUnavailable, TypeError), (AssetMissing, RuntimeError)):
         assert issubclass(cls, cdm.CdmError) and issubclass(cls, builtin), cls
+    # option values: one class over the three stages, still a ValueError for callers that caught that
+    from cdm.mapping.build import check_build_args
+    from cdm.precompute import resolve_shard
+    from cdm.train import LoaderConfig
+
+    assert issubclass(ConfigError, cdm.OptionError) and issubclass(cdm.OptionError, ValueError)
+    for bad in (lambda: resolve_shard(2, None, {}), lambda: check_build_args("offsets", 2.0, None, 1),
+                lambda: LoaderConfig(batch_size=0)):
+        with pytest.raises(cdm.OptionError):
+            bad()

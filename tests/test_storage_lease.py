@@ -4,6 +4,7 @@ silent holder is taken over (resume after a kill just works); a writer that lost
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from cdm.storage import StoreError, TeacherStore, TeacherStoreWriter
-from cdm.storage.lease import TTL_S, LeaseHeld, ShardLease, holder_alive
+from cdm.storage.lease import TTL_S, LeaseHeld, ShardLease, _start_time, holder_alive, this_process
 from cdm.storage.fs import Location
 from tests.storage_helpers import manifest_sections, random_sequence
 
@@ -25,7 +26,8 @@ def _lease_file(url: str):
 
 
 def _write_lease(url: str, **fields) -> None:
-    lease = {"token": "someone-else", "host": socket.gethostname(), "pid": -1, "started": time.time(),
+    """A lease of another process on this machine (same host, boot and pid namespace) unless `fields` say else."""
+    lease = {**this_process(), "token": "someone-else", "pid": -1, "pid_start": None, "started": time.time(),
              "beat": time.time(), **fields}
     Location(url).write_json(lease, "shard-00000", "_writing", "lease.json")
 
@@ -45,7 +47,7 @@ def test_a_live_process_on_this_host_holds_the_shard_until_it_exits(tmp_path):
     _started_shard(url)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _write_lease(url, pid=holder.pid)
+        _write_lease(url, pid=holder.pid, pid_start=_start_time(holder.pid))
         with pytest.raises(LeaseHeld) as e:
             TeacherStoreWriter(url, **KW)
         msg = str(e.value)
@@ -123,3 +125,80 @@ def test_heartbeat_refreshes_until_release_and_close_removes_the_lease(tmp_path)
     w.close()
     assert not Location(url).exists("shard-00000", "_writing")
     assert json.dumps(TeacherStore(url).manifest)
+
+
+def test_a_reused_pid_or_a_silent_holder_on_this_machine_is_stale(tmp_path):
+    """A live pid that started at another time is another process (the pid was reused); a live holder whose heartbeat
+    stopped (a writer object dropped in a process that lives on) lapses after the TTL; a lease from another pid
+    namespace (another container with the same host name) is judged by its heartbeat alone."""
+    me = this_process()
+    parent = os.getppid()
+    now = time.time()
+    base = {**me, "token": "t", "beat": now}
+    assert holder_alive({**base, "pid": parent, "pid_start": _start_time(parent)}, now)
+    assert not holder_alive({**base, "pid": parent, "pid_start": "12345"}, now)  # reused pid
+    assert not holder_alive({**base, "pid": parent, "pid_start": _start_time(parent)}, now + TTL_S + 1)
+    other_ns = {**base, "pid_ns": "another", "pid": me["pid"]}  # pid 1 in two containers is not "this process"
+    assert holder_alive(other_ns, now) and not holder_alive(other_ns, now + TTL_S + 1)
+    assert not holder_alive({"beat": "soon", "pid": "x"}, now)  # unreadable: stale
+
+
+def test_transient_read_errors_are_retried_not_taken_for_a_takeover(tmp_path, monkeypatch):
+    loc = Location(str(tmp_path / "s"))
+    lease = ShardLease(loc, "shard-00000", "_writing", beat_s=3600)
+    lease.acquire()
+    real = Location.read_bytes
+    failures = iter([OSError("503 Slow Down"), OSError("503 Slow Down")])
+
+    def flaky(self, *parts):
+        err = next(failures, None)
+        if err is not None:
+            raise err
+        return real(self, *parts)
+
+    monkeypatch.setattr(Location, "read_bytes", flaky)
+    lease.check()  # two failures, then the read works: still ours
+    monkeypatch.setattr(Location, "read_bytes", lambda self, *parts: (_ for _ in ()).throw(OSError("network down")))
+    with pytest.raises(OSError, match="network down"):  # the real error, not "taken over"
+        lease.check()
+    monkeypatch.undo()
+    lease.release()
+
+
+def test_release_waits_for_a_beat_in_flight(tmp_path, monkeypatch):
+    """No heartbeat write may land after release() returns (close removes _writing/ right after it)."""
+    loc = Location(str(tmp_path / "s"))
+    lease = ShardLease(loc, "shard-00000", "_writing", beat_s=0.01)
+    writes: list[float] = []
+    real_write = ShardLease._write
+
+    def slow_write(self):
+        time.sleep(0.3)
+        real_write(self)
+        writes.append(time.time())
+
+    lease.acquire()
+    monkeypatch.setattr(ShardLease, "_write", slow_write)
+    time.sleep(0.05)  # a beat is now sleeping inside its write
+    lease.release()
+    released = time.time()
+    time.sleep(0.5)
+    assert writes and max(writes) <= released
+
+
+def test_a_dropped_writer_lets_its_lease_lapse(tmp_path):
+    import gc
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    loc = Location(str(tmp_path / "s"))
+    lease = ShardLease(loc, "shard-00000", "_writing", owner=owner, beat_s=0.02)
+    lease.acquire()
+    del owner
+    gc.collect()
+    time.sleep(0.2)
+    beat = loc.read_json("shard-00000", "_writing", "lease.json")["beat"]
+    time.sleep(0.2)
+    assert loc.read_json("shard-00000", "_writing", "lease.json")["beat"] == beat  # no more heartbeats

@@ -247,6 +247,21 @@ def test_resume_keeps_the_micro_batches_per_step(stores, tmp_path):
         check_resumable(saved, cfg, {"step_batches": {"world": 3, "grad_accum": 1}})
 
 
+def test_a_checkpoint_from_before_the_seed_rule_keeps_its_data_order(stores, tmp_path, capsys):
+    """Before, an API run's loader seed stayed 0 whatever `seed` said; resuming such a checkpoint keeps its order."""
+    out = tmp_path / "run"
+    run(_cfg(stores, out, max_steps=1, seed=3))
+    (ckpt,) = checkpoint_dirs(str(out))
+    path = os.path.join(ckpt, "trainer_state.pt")
+    st = torch.load(path, weights_only=False)
+    st.pop("step_batches")  # what a checkpoint of the earlier version lacks
+    st["config"]["loader"]["seed"] = 0
+    torch.save(st, path)
+    res = run(_cfg(stores, out, max_steps=2, seed=3, resume=True))
+    assert res.step == 2 and "keeping its loader seed 0" in capsys.readouterr().err
+    assert json.load(open(out / "model" / "cdm_train.json"))["config"]["loader"]["seed"] == 0
+
+
 def test_resume_accepts_the_same_weights_spelled_otherwise(stores, tmp_path):
     out = tmp_path / "run"
     run(_cfg(stores, out, max_steps=1))

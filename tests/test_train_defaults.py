@@ -5,6 +5,7 @@ TrainConfig and the Objective into the CDM loss, and it changes no other loss pa
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -54,17 +55,24 @@ def test_the_python_api_has_the_cli_defaults(monkeypatch, tmp_path):
     assert api.to_json() == cli.to_json()
     seeded = _cli_config(monkeypatch, tmp_path, "--seed", "7")
     api7 = TrainConfig(store=str(tmp_path / "t"), map=str(tmp_path / "m"), out=str(tmp_path / "o"), seed=7)
-    assert api7.loader.seed == seeded.loader.seed == 7 and api7.to_json() == seeded.to_json()
+    assert api7.data_config().seed == seeded.data_config().seed == 7 and api7.to_json() == seeded.to_json()
+    assert replace(api7, seed=5).data_config().seed == 5  # a seed sweep built with replace moves the data order
     # an explicit loader seed is kept; paths may be pathlib.Path (stored as str: the config is written to JSON)
     own = TrainConfig(store=tmp_path / "t", map=tmp_path / "m", out=tmp_path / "o", seed=7,
                       loader=D.LoaderConfig(seed=3))
-    assert own.loader.seed == 3 and own.out == str(tmp_path / "o") and json.dumps(own.to_json())
+    assert own.data_config().seed == 3 and own.out == str(tmp_path / "o") and json.dumps(own.to_json())
+    # whole numbers of another type are taken as ints (the config is written as JSON)
+    typed = TrainConfig(store="s", map="m", out="o", max_steps=1000.0, warmup_steps=np.int64(10), seed=np.int32(1),
+                        lr=np.float32(0.5))
+    assert (typed.max_steps, typed.warmup_steps, typed.seed) == (1000, 10, 1) and type(typed.max_steps) is int
+    assert type(typed.lr) is float and json.dumps(typed.to_json())
 
 
 @pytest.mark.parametrize("field,value,msg", [
     ("max_steps", "3", "--max-steps must be an integer (got '3')"),
     ("lr", "1e-3", "--lr must be a number (got '1e-3')"),
     ("num_workers", 1.5, "--num-workers must be an integer"),
+    ("max_steps", True, "--max-steps must be an integer"),
     ("out", 3, "out must be a path (str or os.PathLike), got int 3"),
     ("loader", {"batch_size": 2}, "loader must be a cdm.train.LoaderConfig, got dict"),
 ])

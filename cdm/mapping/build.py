@@ -12,6 +12,7 @@ import numbers
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cdm.errors import OptionError
 from cdm.mapping import align as A
 from cdm.mapping import vocab as V
 from cdm.mapping import vocab_maps as VM
@@ -127,28 +129,32 @@ def vocab_cache_path(cache_dir: str | os.PathLike[str], key: str) -> str:
 
 
 def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, cache_dir: str | os.PathLike[str],
-                      log: Callable[[str], None] = _stderr) -> VocabMaps:
-    """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached atomically (a local folder:
-    built aside, then renamed into place; an fsspec URL: the `done` marker is written last, readers wait for it)."""
+                      log: Callable[[str], None] = _stderr) -> tuple[VocabMaps, str]:
+    """Vocabulary maps of a tokenizer pair, from the cache or computed once and cached; returns them and where they
+    are. A local folder: built aside, then renamed into place. An fsspec URL (no rename there): each builder writes
+    its own `<key>/<uuid>/` and then `<key>/done` naming it, last; readers load the folder `done` names, so two
+    builders of one pair at once never overwrite what the other reads."""
     from cdm.paths import is_url
 
     key = vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts)
     if is_url(cache_dir):
         url = vocab_cache_path(cache_dir, key)
-        loc = Location(url)
-        if loc.exists("done"):
-            log(f"vocabulary maps: cached at {url}")
-            return VocabMaps.load(loc)
+        root = Location(url)
+        if root.exists("done"):
+            name = root.read_bytes("done").decode("utf-8").strip()
+            log(f"vocabulary maps: cached at {url}/{name}")
+            return VocabMaps.load(Location(f"{url}/{name}")), f"{url}/{name}"
         log("vocabulary maps: computing (cached afterwards for this tokenizer pair)")
         maps = compute_vocab_maps(teacher_tok, student_tok, opts, log)
-        maps.save(loc)  # a concurrent builder writes the same bytes
-        loc.write_bytes(b"ok\n", "done")
-        return maps
+        name = uuid.uuid4().hex
+        maps.save(Location(f"{url}/{name}"))
+        root.write_bytes(name.encode("utf-8"), "done")
+        return maps, f"{url}/{name}"
     path = Path(vocab_cache_path(cache_dir, key))
     loc = Location(str(path))
     if loc.exists("done"):
         log(f"vocabulary maps: cached at {path}")
-        return VocabMaps.load(loc)
+        return VocabMaps.load(loc), str(path)
     log("vocabulary maps: computing (cached afterwards for this tokenizer pair)")
     maps = compute_vocab_maps(teacher_tok, student_tok, opts, log)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -161,7 +167,7 @@ def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, ca
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    return maps
+    return maps, str(path)
 
 
 def recorded_location(path: str) -> str:
@@ -376,13 +382,13 @@ def _map_range(indices: list[int]) -> tuple[list[MapSequence], list[tuple[int, s
 def check_build_args(align: str, theta: float, workers: int | None, batch_sequences: int) -> None:
     """Refuse settings build-map cannot use, naming the CLI flag (ValueError), before anything is opened."""
     if align not in ALIGN_MODES:
-        raise ValueError(f"--align must be one of {ALIGN_MODES}, got {align!r}")
+        raise OptionError(f"--align must be one of {ALIGN_MODES}, got {align!r}")
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not 0 < theta <= 1:
-        raise ValueError(f"--theta must be in (0, 1] (a normalised edit distance, levenshtein / (len a + len b)), got {theta!r}")
+        raise OptionError(f"--theta must be in (0, 1] (a normalised edit distance, levenshtein / (len a + len b)), got {theta!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1):
-        raise ValueError(f"--workers must be an integer >= 1 (leave it out to use all cores), got {workers!r}")
+        raise OptionError(f"--workers must be an integer >= 1 (leave it out to use all cores), got {workers!r}")
     if isinstance(batch_sequences, bool) or not isinstance(batch_sequences, int) or batch_sequences < 1:
-        raise ValueError(f"batch_sequences must be an integer >= 1, got {batch_sequences!r}")
+        raise OptionError(f"batch_sequences must be an integer >= 1, got {batch_sequences!r}")
 
 
 @dataclass
@@ -416,7 +422,7 @@ def build_map(
 
     `theta` (--theta): fuzzy neighbours are token pairs with normalised edit distance
     nd(a, b) = levenshtein(a, b) / (len(a) + len(b)) < theta; nd lies in [0, 1], so theta must be in (0, 1].
-    `workers` (--workers): worker processes, >= 1; None = all cores. Bad values raise ValueError naming the flag,
+    `workers` (--workers): worker processes, >= 1; None = all cores. Bad values raise OptionError (a ValueError) naming the flag,
     before anything is read or written. `cache_dir` (--cache-dir): where the vocabulary maps of a tokenizer pair
     are cached (default: `default_cache_dir()`). `log`: where progress lines go (default: stderr, as the CLI).
     Paths may be str or os.PathLike; `out` may be an fsspec URL. Returns a BuildResult."""
@@ -454,8 +460,7 @@ def build_map(
         "space_insensitive": space_insensitive,
     }
     cache = os.fspath(cache_dir) if cache_dir else default_cache_dir()
-    maps = cached_vocab_maps(teacher_tok, student_tok, opts, cache, log)
-    maps_path = vocab_cache_path(cache, vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts))
+    maps, maps_path = cached_vocab_maps(teacher_tok, student_tok, opts, cache, log)
     shards = tstore.reader.shards
     starts = tstore.reader._shard_starts
     computed = False
@@ -469,26 +474,30 @@ def build_map(
         if writer.complete:
             continue
         computed = True
-        done = writer.done_teacher_indices
-        todo = [i for i in range(int(starts[si]), int(starts[si + 1])) if i not in done]
-        chunks = [todo[a : a + batch_sequences] for a in range(0, len(todo), batch_sequences)]
-        if pool is None and opts.workers > 1 and len(todo) > batch_sequences:
-            pool = ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(store, student_tokenizer, opts, teacher_json, maps_path))
-        if pool is None:
-            _init_worker(store, student_tokenizer, opts, teacher_json, maps_path)
-            results = map(_map_range, chunks)
-        else:
-            results = pool.map(_map_range, chunks)
-        bar = _progress(len(todo), f"build-map shard {si}", progress)
-        for seqs, skipped in results:
-            for s in seqs:
-                writer.add(s)
-            for i, reason in skipped:
-                writer.skip(i, reason)
-            writer.commit()
-            bar.update(len(seqs) + len(skipped))
-        bar.close()
-        writer.close()  # the shard entry gets the summed per-sequence diagnostics (report_totals)
+        try:
+            done = writer.done_teacher_indices
+            todo = [i for i in range(int(starts[si]), int(starts[si + 1])) if i not in done]
+            chunks = [todo[a : a + batch_sequences] for a in range(0, len(todo), batch_sequences)]
+            if pool is None and opts.workers > 1 and len(todo) > batch_sequences:
+                pool = ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(store, student_tokenizer, opts, teacher_json, maps_path))
+            if pool is None:
+                _init_worker(store, student_tokenizer, opts, teacher_json, maps_path)
+                results = map(_map_range, chunks)
+            else:
+                results = pool.map(_map_range, chunks)
+            bar = _progress(len(todo), f"build-map shard {si}", progress)
+            for seqs, skipped in results:
+                for s in seqs:
+                    writer.add(s)
+                for i, reason in skipped:
+                    writer.skip(i, reason)
+                writer.commit()
+                bar.update(len(seqs) + len(skipped))
+            bar.close()
+            writer.close()  # the shard entry gets the summed per-sequence diagnostics (report_totals)
+        except BaseException:
+            writer.release()  # interrupted or failed: another process may resume the shard at once
+            raise
     if pool is not None:
         pool.shutdown()
     report = _final_report(out, store, tstore, maps, opts, time.time() - t0, computed)

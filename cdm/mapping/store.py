@@ -232,6 +232,10 @@ class MapStoreWriter:
     def commit(self) -> None:
         self._w.commit()
 
+    def release(self) -> None:
+        """Give the shard up without closing it (what was committed stays), so another process may open it now."""
+        self._w.release()
+
     def close(self, extra_entry: dict[str, Any] | None = None) -> dict[str, Any]:
         """Finish the shard; its entry gets ``report_totals`` (`report_totals` of all its sequences, including
         those committed by an interrupted earlier run), so the final report needs no pass over the stores."""

@@ -12,8 +12,10 @@ import numpy as np
 
 import cdm
 from cdm.devices import resolve_device
+from cdm.errors import OptionError
 from cdm.precompute.data import (
     Canonical,
+    DataError,
     RecordFormat,
     SkipRecord,
     canonical_text,
@@ -51,7 +53,7 @@ def default_memory_budget_mb(memory_budget_mb: int | None, device: str) -> int:
     H200 at +0.1-0.7 GiB peak, see benchmarks/RESULTS.md) and 256 MiB on CPU."""
     if memory_budget_mb is not None:
         if memory_budget_mb <= 0:
-            raise ValueError(f"--memory-budget-mb must be positive, got {memory_budget_mb}")
+            raise OptionError(f"--memory-budget-mb must be positive, got {memory_budget_mb}")
         return int(memory_budget_mb)
     return 256 if str(device).startswith("cpu") else 1024
 
@@ -81,23 +83,23 @@ def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[
             return 1, 0
         num_shards, shard_index, source = launched
     elif shard_index is None:
-        if launched is None:
-            if int(num_shards) != 1:
-                raise ValueError(f"--num-shards {num_shards} needs --shard-index (0 to {int(num_shards) - 1}) outside "
-                                 "torchrun or a SLURM array")
+        if int(num_shards) == 1:  # one shard, whatever launched this process
             shard_index = 0
+        elif launched is None:
+            raise OptionError(f"--num-shards {num_shards} needs --shard-index (0 to {int(num_shards) - 1}) outside "
+                              "torchrun or a SLURM array")
         elif launched[0] != int(num_shards):
-            raise ValueError(f"--num-shards {num_shards} but {launched[2]} says {launched[0]} workers: give "
-                             "--shard-index too, or leave --num-shards out to use one shard per worker")
+            raise OptionError(f"--num-shards {num_shards} but {launched[2]} says {launched[0]} workers: give "
+                              "--shard-index too, or leave --num-shards out to use one shard per worker")
         else:
             shard_index, source = launched[1], f"--num-shards and the index from {launched[2]}"
     elif num_shards is None:
         if launched is None:
-            raise ValueError(f"--shard-index {shard_index} needs --num-shards outside torchrun or a SLURM array")
+            raise OptionError(f"--shard-index {shard_index} needs --num-shards outside torchrun or a SLURM array")
         num_shards, source = launched[0], f"--shard-index and the count from {launched[2]}"
     num_shards, shard_index = int(num_shards), int(shard_index)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard index {shard_index} must be in [0, {num_shards}) (shards from {source})")
+        raise OptionError(f"shard index {shard_index} must be in [0, {num_shards}) (shards from {source})")
     return num_shards, shard_index
 
 
@@ -219,14 +221,14 @@ def run(
     tokenizer, chat_template, cache_dir, data_cache_dir = map(_path, (tokenizer, chat_template, cache_dir, data_cache_dir))
     paths = [_path(data)] if isinstance(data, (str, os.PathLike)) else [_path(p) for p in data]
     if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+        raise OptionError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"--truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+        raise OptionError(f"--truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     check_numbers(top_k=top_k, max_length=max_length, limit=limit, batch_tokens=batch_tokens, id_table=id_table,
                   commit_tokens=commit_tokens, window_rows=window_rows)
     if backend_options and backend != "vllm":
         names = ", ".join(sorted(backend_options))
-        raise ValueError(f"backend options ({names}; e.g. --tensor-parallel-size) are for --backend vllm, not {backend!r}")
+        raise OptionError(f"backend options ({names}; e.g. --tensor-parallel-size) are for --backend vllm, not {backend!r}")
     fmt = RecordFormat(text_field, prompt_field, response_field, messages_field, separator)
     n_shards, shard = resolve_shard(num_shards, shard_index)
 
@@ -240,7 +242,7 @@ def run(
     vocab_size = int(config.vocab_size)
     check_vocab(tok, vocab_size, source.spec)
     if top_k > vocab_size:  # checked before anything is written: a store made with it would block the corrected rerun
-        raise ValueError(f"--top-k {top_k} is more than the teacher's vocabulary of {vocab_size} tokens")
+        raise OptionError(f"--top-k {top_k} is more than the teacher's vocabulary of {vocab_size} tokens")
     context = int(getattr(config, "max_position_embeddings", 0) or 0)
     if max_length is None:
         max_length = context or 4096
@@ -282,7 +284,7 @@ def run(
                              codec=codec if not id_table else f"{codec}+id_table{int(id_table)}")
     url = out or os.path.join(cache_dir or default_cache_dir(), STORES_SUBDIR, key[:24])
     if mode == "process" and str(url).startswith("memory://"):  # the spawned child would fill its own memory
-        raise ValueError(f"--writer process cannot write {url}: a memory:// store lives in one process; use "
+        raise OptionError(f"--writer process cannot write {url}: a memory:// store lives in one process; use "
                          "--writer thread")
     data_fp = manifest["data"]["fingerprint"]
 
@@ -311,27 +313,31 @@ def run(
     writer_kwargs = dict(url=url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size, num_shards=n_shards,
                          shard_index=shard, codec=codec, codec_params=codec_params, commit_tokens=commit_tokens)
     writer = TeacherStoreWriter(**writer_kwargs, tokenizer_json=_tokenizer_json(tok))
-    todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
-    computed = bool(todo)
-    tokens_run = 0
-    waits = {"preparation": 0.0, "writer": 0.0}
-    if todo:
-        runner = runner or make_runner()
-        say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
-        # process mode: the child reopens the shard (nothing is buffered in `writer`, which is not used again)
-        if mode == "process":
-            writer.release()  # the child opens the shard itself
-        sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
-        try:
-            tokens_run = _process(ds, todo, sink, runner, fmt, render, tok, add_special, max_length, truncation,
-                                  window_rows, progress, waits)
-        except BaseException:
-            sink.abort()  # commit what was handed over: a rerun resumes after it
-            raise
-        waits["writer"] = sink.blocked_s  # hand-overs that waited for a full writer queue
-        manifest_after, writer_stats = sink.close()
-    else:
-        manifest_after, writer_stats = writer.close(), writer.stats
+    try:
+        todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
+        computed = bool(todo)
+        tokens_run = 0
+        waits = {"preparation": 0.0, "writer": 0.0}
+        if todo:
+            runner = runner or make_runner()
+            say(f"precompute: {len(todo)} rows for shard {shard}/{n_shards} -> {url}")
+            # process mode: the child reopens the shard (nothing is buffered in `writer`, which is not used again)
+            if mode == "process":
+                writer.release()  # the child opens the shard itself
+            sink = ThreadSink(writer, data_fp) if mode == "thread" else ProcessSink(writer_kwargs, data_fp)
+            try:
+                tokens_run = _process(ds, todo, sink, runner, fmt, render, tok, add_special, max_length, truncation,
+                                      window_rows, progress, waits)
+            except BaseException:
+                sink.abort()  # commit what was handed over: a rerun resumes after it
+                raise
+            waits["writer"] = sink.blocked_s  # hand-overs that waited for a full writer queue
+            manifest_after, writer_stats = sink.close()
+        else:
+            manifest_after, writer_stats = writer.close(), writer.stats
+    except BaseException:
+        writer.release()  # what was committed stays; another process may resume the shard at once
+        raise
     wall = time.perf_counter() - t0
     stats = {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0,
              "waited_for_preparation_s": waits["preparation"], "waited_for_writer_s": waits["writer"]}
@@ -390,7 +396,7 @@ def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batc
         minimum["--limit"] = (limit, 1)
     for flag, (value, least) in minimum.items():
         if int(value) < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+            raise OptionError(f"{flag} must be >= {least}, got {value}")
 
 
 def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, Any]) -> None:
@@ -408,8 +414,8 @@ def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, A
                          for reason, rows in sorted((stats.get("skipped_rows") or {}).items()))
     gone = " (the empty store was removed)" if removed else ""
     if not skipped:
-        raise ValueError(f"{url}: no sequence was stored{gone}: the data has no rows (--data, --split, --limit)")
-    raise ValueError(f"{url}: no sequence was stored{gone}: every input row was skipped "
+        raise DataError(f"{url}: no sequence was stored{gone}: the data has no rows (--data, --split, --limit)")
+    raise DataError(f"{url}: no sequence was stored{gone}: every input row was skipped "
                      f"({dict(sorted(skipped.items()))}){'; ' + examples if examples else ''}. "
                      "Check the record fields (--text-field / --prompt-field / --response-field / --messages-field), "
                      "--max-length and --truncation")

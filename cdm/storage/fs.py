@@ -46,7 +46,9 @@ class Location:
         return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
     def exists(self, *parts: str) -> bool:
-        return bool(self.fs.exists(self.path(*parts)))
+        p = self.path(*parts)
+        self._fresh(p)
+        return bool(self.fs.exists(p))
 
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.path(*parts))
@@ -110,6 +112,7 @@ class Location:
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         p = self.path(*parts)
+        self._fresh(p)
         if self.fs.exists(p):
             self.fs.rm(p, recursive=recursive)
 

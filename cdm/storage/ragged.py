@@ -361,31 +361,35 @@ class RaggedShardWriter:
             self._done.update(int(s[0]) for s in entry.get("skipped", []))
             reconcile_manifest(self.loc, self.base)
             return
-        self._lease = ShardLease(self.loc, self.shard, WRITING)
+        self._lease = ShardLease(self.loc, self.shard, WRITING, owner=self)
         self._lease.acquire()  # before reading the state: another live writer of this shard stops us here
-        if self.loc.exists(self.shard, WRITING, "state.json"):
-            st = self.loc.read_json(self.shard, WRITING, "state.json")
-            known = set(_State.__dataclass_fields__)
-            self.state = _State(**{k: v for k, v in st.items() if k in known})  # newer keys: ignored
-        else:
-            self.state = _State(parts=[], skipped=[])
-        hash_parts = self.state.hash_parts or []
-        for raw in self.loc.read_many([(self.shard, WRITING, p) for p in hash_parts], missing_ok=True):
-            try:  # chunks committed before a restart: written once, never again
-                self._hashes.update({k: (str(v[0]), int(v[1])) for k, v in json.loads(raw or b"").items()})
-            except (ValueError, TypeError, IndexError, AttributeError):
-                pass  # a speed-up only: chunks without a known hash are read back at close
-        self._arrays = self._open_arrays()  # truncating to the state below forgets the hashes of dropped chunks
-        for name, arr in self._arrays.items():
-            if arr.shape[0] != self.state.rows_in_zarr:
-                arr.resize((self.state.rows_in_zarr, *arr.shape[1:]))
-        self._tail = self._read_tail()
-        self._drop_orphans()
-        self._done = set()
-        for raw in self.loc.read_many([(self.shard, WRITING, p) for p in self.state.parts or []]):
-            t = pq.read_table(io.BytesIO(raw), columns=["done_key"])  # type: ignore[arg-type]
-            self._done.update(int(x) for x in t.column("done_key").to_pylist())
-        self._done.update(int(s[0]) for s in self.state.skipped or [])
+        try:
+            if self.loc.exists(self.shard, WRITING, "state.json"):
+                st = self.loc.read_json(self.shard, WRITING, "state.json")
+                known = set(_State.__dataclass_fields__)
+                self.state = _State(**{k: v for k, v in st.items() if k in known})  # newer keys: ignored
+            else:
+                self.state = _State(parts=[], skipped=[])
+            hash_parts = self.state.hash_parts or []
+            for raw in self.loc.read_many([(self.shard, WRITING, p) for p in hash_parts], missing_ok=True):
+                try:  # chunks committed before a restart: written once, never again
+                    self._hashes.update({k: (str(v[0]), int(v[1])) for k, v in json.loads(raw or b"").items()})
+                except (ValueError, TypeError, IndexError, AttributeError):
+                    pass  # a speed-up only: chunks without a known hash are read back at close
+            self._arrays = self._open_arrays()  # truncating to the state below forgets the hashes of dropped chunks
+            for name, arr in self._arrays.items():
+                if arr.shape[0] != self.state.rows_in_zarr:
+                    arr.resize((self.state.rows_in_zarr, *arr.shape[1:]))
+            self._tail = self._read_tail()
+            self._drop_orphans()
+            self._done = set()
+            for raw in self.loc.read_many([(self.shard, WRITING, p) for p in self.state.parts or []]):
+                t = pq.read_table(io.BytesIO(raw), columns=["done_key"])  # type: ignore[arg-type]
+                self._done.update(int(x) for x in t.column("done_key").to_pylist())
+            self._done.update(int(s[0]) for s in self.state.skipped or [])
+        except BaseException:
+            self._lease.forget()  # a failed open gives the shard back at once
+            raise
 
     def _zarr_store(self) -> _HashingStore:
         """The shard's Zarr group store, recording what it writes (see `_HashingStore`)."""

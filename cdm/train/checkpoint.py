@@ -110,8 +110,9 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, now: dict[str, Any]
     comparing normalised paths and the raw loss options."""
     conf = saved["config"]
     now = now or {}
-    diffs = [f"loader.{k}: {conf['loader'].get(k)!r} -> {getattr(cfg.loader, k)!r}"
-             for k in STREAM_FIELDS if conf["loader"].get(k) != getattr(cfg.loader, k)]
+    loader = cfg.data_config()
+    diffs = [f"loader.{k}: {conf['loader'].get(k)!r} -> {getattr(loader, k)!r}"
+             for k in STREAM_FIELDS if conf["loader"].get(k) != getattr(loader, k)]
     if conf.get("loss") != cfg.loss:
         diffs.append(f"loss: {conf.get('loss')!r} -> {cfg.loss!r}")
     flag = {"store": "--store", "map": "--map", "dual_store": "--dual-store"}

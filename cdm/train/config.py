@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from cdm import devices
-from cdm.errors import CdmError
+from cdm.errors import CdmError, OptionError
 from cdm.train import data as D
 
 
@@ -18,7 +19,7 @@ class TrainingDiverged(CdmError, RuntimeError):
     """The loss or the gradient norm became NaN/inf; the optimiser step was not taken."""
 
 
-class ConfigError(CdmError, ValueError):
+class ConfigError(OptionError):
     """The run's options or inputs cannot work together."""
 
 
@@ -79,8 +80,7 @@ class TrainConfig:
                     "grad_clip", "epochs")
 
     def _normalise(self) -> None:
-        """Paths given as pathlib.Path become str (they are written to JSON); a loader without its own seed takes
-        the run's `seed`, as `cdm train --seed` does."""
+        """Paths given as pathlib.Path become str (they are written to JSON)."""
         for name in self.PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -89,8 +89,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__} {value!r}")
         if not isinstance(self.loader, D.LoaderConfig):
             raise ConfigError(f"loader must be a cdm.train.LoaderConfig, got {type(self.loader).__name__}")
-        if self.loader.seed is None:
-            self.loader = replace(self.loader, seed=self.seed)
+
+    def data_config(self) -> D.LoaderConfig:
+        """The loader options the run uses: `loader`, whose seed (the data order) is `seed` unless the loader names
+        its own, as `cdm train --seed` sets both. Resolved when used, so `dataclasses.replace(cfg, seed=s)` moves
+        the data order too."""
+        return self.loader if self.loader.seed is not None else replace(self.loader, seed=self.seed)
 
     def validate(self) -> None:
         """Refuse nonsense numbers and names up front (CLI and Python API alike); messages name the CLI flag.
@@ -105,12 +109,19 @@ class TrainConfig:
         def flag(name: str) -> str:
             return {"beta1": "beta1", "beta2": "beta2"}.get(name, "--" + name.replace("_", "-"))
 
-        for name in self.INT_FIELDS:  # a string or float from a hand-written config gets a message, not a TypeError
+        for name in self.INT_FIELDS:  # a string from a hand-written config gets a message, not a TypeError
             v = getattr(self, name)
-            need(v is None or (isinstance(v, int) and not isinstance(v, bool)), flag(name), "an integer", v)
+            if v is None:
+                continue
+            whole = isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and float(v).is_integer())
+            need(whole and not isinstance(v, bool), flag(name), "an integer", v)
+            setattr(self, name, int(v))  # numpy integers and 100.0 become plain ints (the config is written as JSON)
         for name in self.FLOAT_FIELDS:
             v = getattr(self, name)
-            need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), flag(name), "a number", v)
+            if v is None:
+                continue
+            need(isinstance(v, numbers.Real) and not isinstance(v, bool), flag(name), "a number", v)
+            setattr(self, name, float(v) if not isinstance(v, int) else v)
 
         def finite(x: Any) -> bool:
             return isinstance(x, (int, float)) and math.isfinite(x)
@@ -148,7 +159,7 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "loader"}
-        d["loader"] = self.loader.to_json()
+        d["loader"] = self.data_config().to_json()  # the seed the run uses, also when it came from `seed`
         return d
 
 

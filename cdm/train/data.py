@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cdm.errors import OptionError
 from cdm.mapping.store import MapStore
 from cdm.storage.ragged import StoreError
 from cdm.storage.teacher import TeacherStore
@@ -62,18 +63,18 @@ class LoaderConfig:
                                  ("--block-size", self.block_size, 1), ("--window-blocks", self.window_blocks, 1),
                                  ("pad_multiple", self.pad_multiple, 1)):
             if value < low:
-                raise ValueError(f"{flag} must be >= {low} (got {value})")
+                raise OptionError(f"{flag} must be >= {low} (got {value})")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be >= 1 (got {self.max_tokens})")
+            raise OptionError(f"--max-tokens must be >= 1 (got {self.max_tokens})")
         if self.seed is not None and self.seed < 0:
-            raise ValueError(f"--seed must be >= 0 (got {self.seed})")
+            raise OptionError(f"--seed must be >= 0 (got {self.seed})")
         if self.max_tokens is not None and self.max_tokens < _round_up(self.max_length, self.pad_multiple):
-            raise ValueError(
+            raise OptionError(
                 f"max_tokens ({self.max_tokens}) must hold one sequence of max_length ({self.max_length}, padded to a "
                 f"multiple of {self.pad_multiple}); raise --max-tokens or lower --max-length"
             )
         if self.kd_topk is not None and self.kd_topk < 1:
-            raise ValueError(f"--kd-topk must be >= 1 (got {self.kd_topk})")
+            raise OptionError(f"--kd-topk must be >= 1 (got {self.kd_topk})")
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

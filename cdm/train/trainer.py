@@ -125,7 +125,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     cfg.validate()  # fields may have been assigned after construction
     autocast = _autocast(cfg.dtype, d.device)
     weights = Objective.parse_weights(cfg.loss, cfg.kd_weight, cfg.weights)
-    lcfg = replace(cfg.loader, dual="kl" in weights, uld="uld" in weights)
+    lcfg = replace(cfg.data_config(), dual="kl" in weights, uld="uld" in weights)
     if "kl" in weights and not cfg.dual_store:
         raise ConfigError("--loss uses 'kl' (same-tokenizer teacher) but no --dual-store was given")
     if cfg.max_steps is None and cfg.epochs is None:
@@ -143,6 +143,14 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     resume_from = ckpts[-1] if (cfg.resume and ckpts) else None
     if cfg.resume and not ckpts:
         _say(d, f"--resume: no complete checkpoint in {cfg.out}; starting from step 0")
+    st = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False) if resume_from else None
+    if st is not None and cfg.loader.seed is None and "step_batches" not in st:
+        # a checkpoint from before the loader seed followed `seed`: its data order used the then-default seed
+        old_seed = st["config"]["loader"].get("seed")
+        if old_seed is not None and old_seed != lcfg.seed:
+            _say(d, f"--resume: this checkpoint predates the data order following --seed; keeping its loader seed {old_seed}")
+            cfg = replace(cfg, loader=replace(cfg.loader, seed=int(old_seed)))
+            lcfg = replace(lcfg, seed=int(old_seed))
     if resume_from:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -190,7 +198,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     step, position = 0, 0
     log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
     if resume_from:
-        st = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        assert st is not None
         check_resumable(st, cfg, identity)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])

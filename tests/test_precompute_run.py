@@ -234,7 +234,10 @@ def test_resolve_shard_from_flags_torchrun_and_slurm():
     assert resolve_shard(2, None, torchrun) == (2, 1)
     assert resolve_shard(None, 1, torchrun) == (2, 1)
     assert resolve_shard(1, None, {}) == (1, 0)
-    assert resolve_shard(1, None, torchrun) == (1, 0)  # --num-shards 1 under any launcher: the one shard
+    assert resolve_shard(1, None, {"WORLD_SIZE": "1", "RANK": "0"}) == (1, 0)
+    with pytest.raises(ValueError, match=r"--num-shards 1 but \$WORLD_SIZE / \$RANK says 2 workers"):
+        resolve_shard(1, None, torchrun)  # every rank would write shard 0; --shard-index 0 says it is meant
+    assert resolve_shard(1, 0, torchrun) == (1, 0)
     with pytest.raises(ValueError, match=r"--num-shards 2 needs --shard-index \(0 to 1\) outside torchrun"):
         resolve_shard(2, None, {})
     with pytest.raises(ValueError, match=r"--num-shards 4 but \$WORLD_SIZE / \$RANK says 2 workers"):

@@ -73,6 +73,14 @@ def test_no_step_count_is_refused_before_out_is_created(stores, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_url_out_is_refused_not_written_locally(stores, tmp_path, monkeypatch):
+    """`--out s3://b/run` used to train into a local folder named 's3:' and report the URL."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--out s3://bucket/run: must be a local or mounted folder"):
+        run(_cfg(stores, "s3://bucket/run"))
+    assert not (tmp_path / "s3:").exists()
+
+
 @pytest.mark.parametrize("spec", ["ce=abc", "ce", "ce=0.5,cdm"])
 def test_cli_malformed_weights_is_an_error_line(stores, tmp_path, spec):
     res = _cli(_base_args(stores, tmp_path / "o") + ["--student", stores["student"], "--weights", spec])

@@ -83,7 +83,7 @@ def resolve_shard(num_shards: int | None, shard_index: int | None, env: Mapping[
             return 1, 0
         num_shards, shard_index, source = launched
     elif shard_index is None:
-        if int(num_shards) == 1:  # one shard, whatever launched this process
+        if int(num_shards) == 1 and (launched is None or launched[0] == 1):
             shard_index = 0
         elif launched is None:
             raise OptionError(f"--num-shards {num_shards} needs --shard-index (0 to {int(num_shards) - 1}) outside "

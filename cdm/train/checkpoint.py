@@ -154,8 +154,12 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, now: dict[str, Any]
 
 
 def check_out(cfg: TrainConfig) -> None:
-    """Refuse an --out that is an input: a cdm store (its manifest.json names a format), or the folder of --student,
-    --student-config, --student-tokenizer, --store, --map or --dual-store. Train writes checkpoints/ and model/ there."""
+    """Refuse an --out that is a URL, or an input: a cdm store (its manifest.json names a format), or the folder of
+    --student, --student-config, --student-tokenizer, --store, --map or --dual-store. Train writes checkpoints/ and
+    model/ there."""
+    if "://" in cfg.out:
+        raise ConfigError(f"--out {cfg.out}: must be a local or mounted folder (checkpoints and the final model are "
+                          "written with torch and transformers); the stores may be URLs, the run folder may not")
     out = os.path.expanduser(cfg.out)
     if not os.path.exists(out):
         return

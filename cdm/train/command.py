@@ -36,7 +36,7 @@ def parse_weights(spec: str | None) -> dict[str, float] | None:
 def train_command(
     store: Annotated[str, typer.Option(help="Teacher store (directory or fsspec URL) made by `cdm precompute`.", rich_help_panel=_DATA)],
     map: Annotated[str, typer.Option("--map", help="Map store made by `cdm build-map` for this store and student tokenizer.", rich_help_panel=_DATA)],
-    out: Annotated[str, typer.Option(help="Output directory: checkpoints/, model/ (final student), metrics.jsonl, metrics.png.", rich_help_panel=_RUN)],
+    out: Annotated[str, typer.Option(help="Output directory (local or a mounted shared file system, not a URL): checkpoints/, model/ (final student), metrics.jsonl, metrics.png.", rich_help_panel=_RUN)],
     student: Annotated[Optional[str], typer.Option(help="Student: a Hugging Face causal LM folder (or hub name).", rich_help_panel=_STUDENT)] = None,
     student_config: Annotated[Optional[str], typer.Option(help="Or initialise from scratch: a config folder or config.json ...", rich_help_panel=_STUDENT)] = None,
     student_tokenizer: Annotated[Optional[str], typer.Option(help="... with this tokenizer (folder or tokenizer.json).", rich_help_panel=_STUDENT)] = None,

@@ -9,6 +9,7 @@ import pytest
 
 from cdm.storage import TeacherStore
 from tests.storage_helpers import assert_sequences_equal, random_sequence, write_store
+from tests.test_storage import _TorchView  # a map-style dataset over a store, as the training loader reads it
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -89,20 +90,6 @@ def test_resume_and_close_on_s3_read_every_commit_part(s3, monkeypatch):
         assert_sequences_equal(s, by_src[s.source_index])
 
 
-class _Rows:
-    """A map-style dataset over a store (what cdm train's loader does in its DataLoader workers)."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __len__(self):
-        return len(self.store)
-
-    def __getitem__(self, i):
-        s = self.store[i]
-        return int(s.source_index), int(s.token_ids.sum())
-
-
 def test_s3_store_reads_in_forked_dataloader_workers(s3, monkeypatch):
     """s3fs is not fork-safe: the reader's filesystem is re-created in each forked worker (the parent's event loop
     and connections would raise 'This class is not fork-safe')."""
@@ -115,8 +102,8 @@ def test_s3_store_reads_in_forked_dataloader_workers(s3, monkeypatch):
     write_store(url, seqs, num_shards=2, chunk_rows=16, storage_options=s3)
     store = TeacherStore(url, storage_options=s3)
     _ = store[0]  # the parent has used its filesystem (and a shard's table) before the fork
-    dl = torch.utils.data.DataLoader(_Rows(store), batch_size=None, num_workers=2, multiprocessing_context="fork")
-    got = sorted(tuple(int(v) for v in row) for row in dl)
+    dl = torch.utils.data.DataLoader(_TorchView(store), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    got = sorted((int(row[0]), int(row[1])) for row in dl)
     assert got == sorted((s.source_index, int(s.token_ids.sum())) for s in seqs)
 
 

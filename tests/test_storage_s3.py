@@ -9,6 +9,8 @@ import pytest
 
 from cdm.storage import TeacherStore
 from tests.storage_helpers import assert_sequences_equal, random_sequence, write_store
+from tests.test_precompute_support import _offline, text_records, tiny_teacher, tokenizer, write_jsonl  # noqa: F401
+from tests.tokenizer_fixtures import tiny_sentencepiece  # noqa: F401 (fixture)
 from tests.test_storage import _TorchView  # a map-style dataset over a store, as the training loader reads it
 
 moto_server = pytest.importorskip("moto.server")
@@ -125,3 +127,29 @@ def test_s3_listing_sees_files_another_process_wrote(s3, monkeypatch):
         Bucket="cdm-bucket", Key="listing/shards/shard-00001.json", Body=b"{}")
     assert loc.listdir("shards") == ["shard-00000.json", "shard-00001.json"]
     assert set(loc.files("shards")) == {"shard-00000.json", "shard-00001.json"}
+
+
+def test_precompute_and_build_map_on_s3_with_explicit_storage_options(s3, monkeypatch, tmp_path, tiny_teacher,
+                                                                      tiny_sentencepiece):
+    """The stage APIs take `storage_options` like the readers: no AWS variables in the environment, the endpoint
+    and credentials only in the options (build-map's worker processes included)."""
+    from cdm.mapping import MapStore, build_map
+    from cdm.precompute import run
+
+    for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(v, raising=False)
+    data = write_jsonl(tmp_path / "d.jsonl", text_records(6, seed=21, max_chars=120))
+    url, map_url = "s3://cdm-bucket/api-teacher", "s3://cdm-bucket/api-map"
+    quiet = {"progress": False}
+    res = run(str(tiny_teacher), str(data), url, top_k=4, text_field="text", storage_options=s3, echo=lambda m: None,
+              **quiet)
+    assert res.store_complete and res.stats["sequences"] == 6
+    again = run(str(tiny_teacher), str(data), url, top_k=4, text_field="text", storage_options=s3,
+                echo=lambda m: None, **quiet)
+    assert not again.computed and again.stats["sequences"] == 6
+    built = build_map(url, tiny_sentencepiece.path, map_url, workers=2, batch_sequences=2, log=lambda m: None,
+                      cache_dir=str(tmp_path / "cache"), storage_options=s3, **quiet)
+    m = MapStore(map_url, storage_options=s3)
+    assert built.computed and len(m) == 6 and m.report == built.report
+    assert sorted(m.teacher_indices.tolist()) == list(range(6))
+    assert len(TeacherStore(url, storage_options=s3)) == 6

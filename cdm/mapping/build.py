@@ -350,10 +350,11 @@ class Diagnostics:
 _W: dict[str, Any] = {}
 
 
-def _init_worker(store_url: str, student_path: str, opts: BuildOptions, teacher_json: str, maps_path: str | None) -> None:
+def _init_worker(store_url: str, student_path: str, opts: BuildOptions, teacher_json: str, maps_path: str | None,
+                 storage_options: dict[str, Any] | None = None) -> None:
     import tokenizers
 
-    _W["store"] = TeacherStore(store_url, check="none")
+    _W["store"] = TeacherStore(store_url, check="none", storage_options=storage_options)
     _W["student"] = load_tokenizer(student_path)
     _W["opts"] = opts
     teacher_tok = tokenizers.Tokenizer.from_str(teacher_json)
@@ -417,6 +418,7 @@ def build_map(
     batch_sequences: int = 256,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Build (or resume, or reuse) the map store of `store` for `student_tokenizer` at `out`.
 
@@ -425,13 +427,15 @@ def build_map(
     `workers` (--workers): worker processes, >= 1; None = all cores. Bad values raise OptionError (a ValueError) naming the flag,
     before anything is read or written. `cache_dir` (--cache-dir): where the vocabulary maps of a tokenizer pair
     are cached (default: `default_cache_dir()`). `log`: where progress lines go (default: stderr, as the CLI).
-    Paths may be str or os.PathLike; `out` may be an fsspec URL. Returns a BuildResult."""
+    Paths may be str or os.PathLike; `store` and `out` may be fsspec URLs, opened with `storage_options` (the CLI
+    takes them from the environment). Returns a BuildResult."""
     check_build_args(align, theta, workers, batch_sequences)
     log = log or _stderr
     store, student_tokenizer, out = (os.fspath(p) if isinstance(p, os.PathLike) else p
                                      for p in (store, student_tokenizer, out))
     opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers if workers is not None else max(1, os.cpu_count() or 1))
-    tstore = TeacherStore(store)
+    so = dict(storage_options) if storage_options else None
+    tstore = TeacherStore(store, storage_options=so)
     teacher_json = tstore.tokenizer_json()
     if teacher_json is None:
         raise StoreError(f"{store}: the teacher store holds no tokenizer.json; re-run `cdm precompute` with this cdm version")
@@ -467,7 +471,8 @@ def build_map(
     t0 = time.time()
     pool = None
     for si, shard in enumerate(shards):
-        writer = MapStoreWriter(out, key=key, manifest=manifest, num_shards=len(shards), shard_index=si)
+        writer = MapStoreWriter(out, key=key, manifest=manifest, num_shards=len(shards), shard_index=si,
+                                storage_options=so)
         if si == 0 and not writer.loc.exists(VOCAB_DONE):
             maps.save(writer.loc, "vocab")  # rewrites a half-written vocab/ left by a killed run
             writer.loc.write_bytes(b"ok\n", VOCAB_DONE)
@@ -479,9 +484,9 @@ def build_map(
             todo = [i for i in range(int(starts[si]), int(starts[si + 1])) if i not in done]
             chunks = [todo[a : a + batch_sequences] for a in range(0, len(todo), batch_sequences)]
             if pool is None and opts.workers > 1 and len(todo) > batch_sequences:
-                pool = ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(store, student_tokenizer, opts, teacher_json, maps_path))
+                pool = ProcessPoolExecutor(opts.workers, initializer=_init_worker, initargs=(store, student_tokenizer, opts, teacher_json, maps_path, so))
             if pool is None:
-                _init_worker(store, student_tokenizer, opts, teacher_json, maps_path)
+                _init_worker(store, student_tokenizer, opts, teacher_json, maps_path, so)
                 results = map(_map_range, chunks)
             else:
                 results = pool.map(_map_range, chunks)
@@ -500,7 +505,7 @@ def build_map(
             raise
     if pool is not None:
         pool.shutdown()
-    report = _final_report(out, store, tstore, maps, opts, time.time() - t0, computed)
+    report = _final_report(out, store, tstore, maps, opts, time.time() - t0, computed, so)
     return BuildResult(url=out, key=key, report=report, computed=computed)
 
 
@@ -515,14 +520,15 @@ def recount_diagnostics(mstore: MapStore, tstore: TeacherStore, maps: VocabMaps)
     return diag
 
 
-def _final_report(out: str, store: str, tstore: TeacherStore, maps: VocabMaps, opts: BuildOptions, wall: float, computed: bool) -> dict[str, Any]:
+def _final_report(out: str, store: str, tstore: TeacherStore, maps: VocabMaps, opts: BuildOptions, wall: float, computed: bool,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Diagnostics over the whole map store: the sum of its shards' ``report_totals``, which cover every sequence
     of a shard however many runs wrote it, so a resumed build reports everything without reading the stores again
     (older map stores without them are recounted)."""
-    loc = Location(out)
+    loc = Location(out, storage_options)
     if loc.exists("report.json") and not computed:
         return loc.read_json("report.json")
-    mstore = MapStore(out)
+    mstore = MapStore(out, storage_options=storage_options)
     diag = Diagnostics.from_shards(mstore.reader.shards) or recount_diagnostics(mstore, tstore, maps)
     report = {
         **diag.to_json(),

@@ -202,6 +202,7 @@ def run(
     echo: Callable[[str], None] | None = None,
     data_cache_dir: str | None = None,
     writer_mode: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PrecomputeResult:
     """Compute the teacher's top-k signal for every input row of this shard into a teacher store.
 
@@ -212,6 +213,8 @@ def run(
     (no GIL shared with the device loop, but a pipe transfer); 'auto' = thread (measured faster so far, see
     benchmarks/RESULTS.md). `backend_options`: extra `vllm.LLM` arguments (the vllm backend only).
     Paths may be str or os.PathLike. `stats` has the same keys whether the run computed or found the store done.
+    `storage_options`: fsspec options for an object-store `out` (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``;
+    the CLI takes them from the environment).
     """
     t0 = time.perf_counter()
     say = echo or (lambda s: print(s, file=sys.stderr))
@@ -293,12 +296,13 @@ def run(
                              batch_tokens=batch_tokens, memory_budget=budget_mb * 2**20,
                              max_length=max_length, pad_id=tok.pad_token_id or 0, options=backend_options)
 
-    existing = TeacherStore.read_manifest(url)
+    so = dict(storage_options) if storage_options else None
+    existing = TeacherStore.read_manifest(url, so)
     if existing is not None and existing.get("key") == key and existing.get("complete"):
-        check_not_empty(existing, url, {})
+        check_not_empty(existing, url, {}, so)
         report = "store is complete; nothing to do\n" + store_summary(existing, url)
         say(report)
-        return PrecomputeResult(url, key, shard, n_shards, False, True, done_stats(existing, shard, url),
+        return PrecomputeResult(url, key, shard, n_shards, False, True, done_stats(existing, shard, url, so),
                                 time.perf_counter() - t0, report)
 
     runner = None
@@ -311,7 +315,8 @@ def run(
             codec_params = {"id_table": calibrate_id_table(ds, n_rows, fmt, render, tok, add_special, max_length,
                                                            runner, id_table)}
     writer_kwargs = dict(url=url, key=key, manifest=manifest, k=top_k, vocab_size=vocab_size, num_shards=n_shards,
-                         shard_index=shard, codec=codec, codec_params=codec_params, commit_tokens=commit_tokens)
+                         shard_index=shard, codec=codec, codec_params=codec_params, commit_tokens=commit_tokens,
+                         storage_options=so)
     writer = TeacherStoreWriter(**writer_kwargs, tokenizer_json=_tokenizer_json(tok))
     try:
         todo = [i for i in shard_rows(n_rows, n_shards, shard) if i not in writer.done_source_indices]
@@ -354,7 +359,7 @@ def run(
     report = "\n".join(lines)
     say(report)
     if manifest_after.get("complete"):
-        check_not_empty(manifest_after, url, stats)
+        check_not_empty(manifest_after, url, stats, so)
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
 
 
@@ -363,7 +368,7 @@ def _path(p: Any) -> Any:
     return os.fspath(p) if isinstance(p, os.PathLike) else p
 
 
-def done_stats(manifest: Mapping[str, Any], shard: int, url: str) -> dict[str, Any]:
+def done_stats(manifest: Mapping[str, Any], shard: int, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """`PrecomputeResult.stats` of a run that found its shard complete: the shard's counts, nothing done this run
     (the keys of a computing run's stats, so code reading `stats["sequences"]` works on a rerun too)."""
     from cdm.storage import Location
@@ -371,7 +376,7 @@ def done_stats(manifest: Mapping[str, Any], shard: int, url: str) -> dict[str, A
     entry = next((s for s in manifest.get("shards", []) if int(s.get("index", -1)) == shard), {})
     if entry.get("path"):  # the skipped rows are in the shard's own entry file, not in manifest.json
         try:
-            entry = {**entry, **Location(url).read_json("shards", str(entry["path"]) + ".json")}
+            entry = {**entry, **Location(url, storage_options).read_json("shards", str(entry["path"]) + ".json")}
         except (OSError, ValueError):
             pass
     skipped = {str(r): int(c) for r, c in (entry.get("skipped_by_reason") or {}).items()}
@@ -399,13 +404,14 @@ def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batc
             raise OptionError(f"{flag} must be >= {least}, got {value}")
 
 
-def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, Any]) -> None:
+def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, Any],
+                    storage_options: dict[str, Any] | None = None) -> None:
     """A complete store without a single sequence is a mistake (a wrong field, a --max-length below every row, all
     rows empty): say so with the skip reasons instead of reporting success, and remove the empty store (it holds no
     data, and its key would block the corrected command at the same --out)."""
     if int(manifest.get("totals", {}).get("sequences", 0)):
         return
-    removed = _remove_empty_store(url)
+    removed = _remove_empty_store(url, storage_options)
     skipped: dict[str, int] = {}
     for s in manifest.get("shards", []):
         for reason, count in (s.get("skipped_by_reason") or {}).items():
@@ -424,12 +430,12 @@ def check_not_empty(manifest: Mapping[str, Any], url: str, stats: Mapping[str, A
 STORE_ENTRIES = ("manifest.json", "tokenizer.json", "shards")  # plus shard-NNNNN folders
 
 
-def _remove_empty_store(url: str) -> bool:
+def _remove_empty_store(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Delete the store at `url` if it only holds a store's own files (never anything a user put beside them);
     True if it was removed. Called only for a complete store with no sequence."""
     from cdm.storage.fs import Location
 
-    loc = Location(url)
+    loc = Location(url, storage_options)
     entries = loc.listdir()
     if not entries or any(e not in STORE_ENTRIES and not e.startswith("shard-") for e in entries):
         return False

@@ -281,8 +281,8 @@ class TeacherStore(StoreView[TeacherSequence]):
         self._codec_fields = list(self.codec.fields(self.k))
 
     @staticmethod
-    def read_manifest(url: str | os.PathLike[str]) -> dict[str, Any] | None:
-        return read_manifest(Location(url))
+    def read_manifest(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        return read_manifest(Location(url, storage_options))
 
     @property
     def k(self) -> int:

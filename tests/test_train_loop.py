@@ -235,3 +235,14 @@ def test_gradient_checkpointing_on_a_model_without_support_is_refused():
 
     with pytest.raises(ConfigError, match="--gradient-checkpointing: Linear does not support"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_on_log_receives_every_metrics_record(stores, tmp_path):
+    """`run(cfg, on_log=...)` sees exactly what metrics.jsonl holds (train steps and evaluations), as dicts."""
+    seen: list[dict] = []
+    res = run(quick_cfg(stores, tmp_path / "o", max_steps=3, eval_every=2, eval_sequences=2), on_log=seen.append)
+    written = [json.loads(x) for x in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [(r["kind"], r["step"]) for r in seen] == [(r["kind"], r["step"]) for r in written]
+    assert {r["kind"] for r in seen} == {"train", "eval"} and res.step == 3
+    last_train = [r for r in seen if r["kind"] == "train"][-1]
+    assert last_train["loss"] == pytest.approx(written[[i for i, r in enumerate(written) if r["kind"] == "train"][-1]]["loss"])

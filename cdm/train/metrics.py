@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 #: keys drawn in the loss panel when present (each loss part, unweighted, and the weighted total)
 LOSS_KEYS = ("loss", "ce", "kl", "cdm", "mined", "uld")
@@ -19,13 +19,17 @@ class MetricsLog:
     The file is strict JSON (jq, pandas, browsers read it): a non-finite value (e.g. a loss part with no rows in a
     step) is written as null, and `read()` gives it back as NaN."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, on_record: Callable[[dict[str, Any]], None] | None = None):
+        """`on_record(record)`: also called with each appended record (e.g. to send it to an experiment tracker)."""
         self.path = path
+        self.on_record = on_record
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(_jsonable(record), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+        if self.on_record is not None:
+            self.on_record(dict(record))
 
     def read(self) -> list[dict[str, Any]]:
         """Every complete record (a torn last line from a killed run is ignored)."""

@@ -94,9 +94,12 @@ class _Where:
     step: int = 0
 
 
-def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainResult:
+def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None,
+        on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train the student on the stores as `cfg` says; returns where the final model is. `on_step(step, model)`
-    is called before each optimiser step (tests use it to inject faults).
+    is called before each optimiser step (tests use it to inject faults); `on_log(record)` with every record
+    written to metrics.jsonl (train steps, evaluations, a divergence), on the main process only: hand them to
+    wandb, mlflow, a notebook plot.
 
     On Ctrl-C (KeyboardInterrupt) it says at which step it stopped and which complete checkpoint a `--resume`
     continues from, then re-raises (the CLI exits 130)."""
@@ -105,7 +108,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None
     where = _Where()
     try:
         with library_progress_bars(cfg.progress):  # --no-progress: no transformers/datasets bars either
-            return _run(cfg, d, on_step, where)
+            return _run(cfg, d, on_step, where, on_log)
     except KeyboardInterrupt:
         ckpts = checkpoint_dirs(os.path.expanduser(cfg.out))
         if ckpts:
@@ -120,7 +123,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, torch.nn.Module], None] | None
 
 
 def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], None] | None,
-         where: _Where | None = None) -> TrainResult:
+         where: _Where | None = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     where = where if where is not None else _Where()
     cfg.validate()  # fields may have been assigned after construction
     autocast = _autocast(cfg.dtype, d.device)
@@ -196,7 +199,7 @@ def _run(cfg: TrainConfig, d: Dist, on_step: Callable[[int, torch.nn.Module], No
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, max_steps, cfg.min_lr_ratio))
     step, position = 0, 0
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"))
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), on_log)
     if resume_from:
         assert st is not None
         check_resumable(st, cfg, identity)

@@ -16,6 +16,11 @@ def cache_env(prefer: str = "CDM_CACHE_DIR") -> str | None:
     return None
 
 
+def as_str(path: str | os.PathLike[str] | None) -> str | None:
+    """A path argument of the Python API as str (str or os.PathLike, like the store readers take); None stays None."""
+    return os.fspath(path) if isinstance(path, os.PathLike) else path
+
+
 def is_url(path: str | os.PathLike[str]) -> bool:
     """True for an fsspec URL (``s3://b/x``, ``memory://x``): kept as a string, never turned into a local Path."""
     return "://" in os.fspath(path)

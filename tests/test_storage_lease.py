@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -109,16 +110,21 @@ def test_heartbeat_refreshes_until_release_and_close_removes_the_lease(tmp_path)
     lease = ShardLease(loc, "shard-00000", "_writing", beat_s=0.05)
     lease.acquire()
     first = loc.read_json("shard-00000", "_writing", "lease.json")
-    time.sleep(0.3)
-    later = loc.read_json("shard-00000", "_writing", "lease.json")
+    later = first
+    for _ in range(500):  # wait for a heartbeat (every 0.05 s; generous for a loaded machine)
+        later = loc.read_json("shard-00000", "_writing", "lease.json")
+        if later["beat"] != first["beat"]:
+            break
+        time.sleep(0.02)
     assert later["token"] == first["token"] and later["beat"] > first["beat"]
     lease.release()
     stopped = loc.read_json("shard-00000", "_writing", "lease.json")
-    time.sleep(0.2)
+    time.sleep(0.2)  # four heartbeat periods: none may come after release
     assert loc.read_json("shard-00000", "_writing", "lease.json") == stopped
-    assert holder_alive({**stopped, "host": "elsewhere"}, time.time())
-    assert not holder_alive({**stopped, "host": "elsewhere"}, time.time() + TTL_S + 1)
-    assert not holder_alive(stopped, time.time())  # this process: an abandoned writer object
+    beat = stopped["beat"]  # staleness is judged against the lease's own heartbeat, not the clock
+    assert holder_alive({**stopped, "host": "elsewhere"}, beat + TTL_S - 1)
+    assert not holder_alive({**stopped, "host": "elsewhere"}, beat + TTL_S + 1)
+    assert not holder_alive(stopped, beat)  # this process: an abandoned writer object
     url = str(tmp_path / "closed")
     w = TeacherStoreWriter(url, **KW)
     w.add(random_sequence(np.random.default_rng(3), 0))
@@ -133,7 +139,7 @@ def test_a_reused_pid_or_a_silent_holder_on_this_machine_is_stale(tmp_path):
     namespace (another container with the same host name) is judged by its heartbeat alone."""
     me = this_process()
     parent = os.getppid()
-    now = time.time()
+    now = 1_000_000.0  # heartbeat and "now" are given: no clock involved
     base = {**me, "token": "t", "beat": now}
     assert holder_alive({**base, "pid": parent, "pid_start": _start_time(parent)}, now)
     assert not holder_alive({**base, "pid": parent, "pid_start": "12345"}, now)  # reused pid
@@ -169,21 +175,24 @@ def test_release_waits_for_a_beat_in_flight(tmp_path, monkeypatch):
     """No heartbeat write may land after release() returns (close removes _writing/ right after it)."""
     loc = Location(str(tmp_path / "s"))
     lease = ShardLease(loc, "shard-00000", "_writing", beat_s=0.01)
-    writes: list[float] = []
+    writes: list[int] = []
+    in_write = threading.Event()
     real_write = ShardLease._write
 
     def slow_write(self):
+        in_write.set()
         time.sleep(0.3)
         real_write(self)
-        writes.append(time.time())
+        writes.append(1)
 
     lease.acquire()
     monkeypatch.setattr(ShardLease, "_write", slow_write)
-    time.sleep(0.05)  # a beat is now sleeping inside its write
+    assert in_write.wait(10)  # a beat is now inside its write
     lease.release()
-    released = time.time()
-    time.sleep(0.5)
-    assert writes and max(writes) <= released
+    done_at_release = len(writes)
+    assert done_at_release >= 1  # release waited for the beat in flight to finish
+    time.sleep(0.3)
+    assert len(writes) == done_at_release  # and no beat started after it
 
 
 def test_a_dropped_writer_lets_its_lease_lapse(tmp_path):
@@ -196,9 +205,8 @@ def test_a_dropped_writer_lets_its_lease_lapse(tmp_path):
     loc = Location(str(tmp_path / "s"))
     lease = ShardLease(loc, "shard-00000", "_writing", owner=owner, beat_s=0.02)
     lease.acquire()
+    thread = lease._thread
     del owner
     gc.collect()
-    time.sleep(0.2)
-    beat = loc.read_json("shard-00000", "_writing", "lease.json")["beat"]
-    time.sleep(0.2)
-    assert loc.read_json("shard-00000", "_writing", "lease.json")["beat"] == beat  # no more heartbeats
+    thread.join(timeout=10)  # the heartbeat sees its writer is gone and stops
+    assert not thread.is_alive()

@@ -35,6 +35,7 @@ from cdm.mapping.store import (
     VocabMaps,
 )
 from cdm.mapping.tokenizers import encode_with_offsets, load_tokenizer, tokenizer_hash
+from cdm.paths import as_str, is_url
 from cdm.progress import quiet_libraries_unless_progress
 from cdm.storage.fs import Location
 from cdm.storage.ragged import StoreError
@@ -121,8 +122,6 @@ def compute_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, l
 
 def vocab_cache_path(cache_dir: str | os.PathLike[str], key: str) -> str:
     """Where the vocabulary maps of key `key` are cached under `cache_dir` (a local folder or an fsspec URL)."""
-    from cdm.paths import is_url
-
     if is_url(cache_dir):
         return f"{os.fspath(cache_dir).rstrip('/')}/vocab-maps/{key}"
     return str(Path(cache_dir).expanduser() / "vocab-maps" / key)
@@ -134,8 +133,6 @@ def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, ca
     are. A local folder: built aside, then renamed into place. An fsspec URL (no rename there): each builder writes
     its own `<key>/<uuid>/` and then `<key>/done` naming it, last; readers load the folder `done` names, so two
     builders of one pair at once never overwrite what the other reads."""
-    from cdm.paths import is_url
-
     key = vocab_key(tokenizer_identity(teacher_tok), tokenizer_identity(student_tok), opts)
     if is_url(cache_dir):
         url = vocab_cache_path(cache_dir, key)
@@ -173,7 +170,7 @@ def cached_vocab_maps(teacher_tok: Any, student_tok: Any, opts: BuildOptions, ca
 def recorded_location(path: str) -> str:
     """How a path is recorded in a manifest: absolute when local (so `cdm inspect` works from any directory),
     URLs as given."""
-    return path if "://" in str(path) else os.path.abspath(path)
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def teacher_roles(manifest: dict[str, Any]) -> dict[str, str]:
@@ -431,8 +428,7 @@ def build_map(
     takes them from the environment). Returns a BuildResult."""
     check_build_args(align, theta, workers, batch_sequences)
     log = log or _stderr
-    store, student_tokenizer, out = (os.fspath(p) if isinstance(p, os.PathLike) else p
-                                     for p in (store, student_tokenizer, out))
+    store, student_tokenizer, out = map(as_str, (store, student_tokenizer, out))
     opts = BuildOptions(align=align, theta=theta, space_insensitive=space_insensitive, workers=workers if workers is not None else max(1, os.cpu_count() or 1))
     so = dict(storage_options) if storage_options else None
     tstore = TeacherStore(store, storage_options=so)

@@ -13,6 +13,7 @@ import numpy as np
 import cdm
 from cdm.devices import resolve_device
 from cdm.errors import OptionError
+from cdm.paths import as_str
 from cdm.precompute.data import (
     Canonical,
     DataError,
@@ -220,9 +221,9 @@ def run(
     say = echo or (lambda s: print(s, file=sys.stderr))
     from cdm.storage import TeacherStore, TeacherStoreWriter
 
-    teacher, out = _path(teacher), _path(out)
-    tokenizer, chat_template, cache_dir, data_cache_dir = map(_path, (tokenizer, chat_template, cache_dir, data_cache_dir))
-    paths = [_path(data)] if isinstance(data, (str, os.PathLike)) else [_path(p) for p in data]
+    teacher, out, tokenizer, chat_template, cache_dir, data_cache_dir = map(
+        as_str, (teacher, out, tokenizer, chat_template, cache_dir, data_cache_dir))
+    paths = [as_str(data)] if isinstance(data, (str, os.PathLike)) else [as_str(p) for p in data]
     if backend not in BACKENDS:
         raise OptionError(f"--backend must be one of {BACKENDS}, got {backend!r}")
     if truncation not in TRUNCATION_POLICIES:
@@ -344,8 +345,7 @@ def run(
         writer.release()  # what was committed stays; another process may resume the shard at once
         raise
     wall = time.perf_counter() - t0
-    stats = {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0,
-             "waited_for_preparation_s": waits["preparation"], "waited_for_writer_s": waits["writer"]}
+    stats = run_stats(writer_stats, tokens_run, wall, waits)
     lines = [store_summary(manifest_after, url),
              f"this run   shard {shard}/{n_shards}: {len(todo)} rows, {tokens_run} tokens, "
              f"{stats['truncated_this_run']} truncated, {wall:.1f} s ({stats['tokens_per_s']:.0f} tokens/s)"]
@@ -363,15 +363,17 @@ def run(
     return PrecomputeResult(url, key, shard, n_shards, computed, bool(manifest_after.get("complete")), stats, wall, report)
 
 
-def _path(p: Any) -> Any:
-    """A path argument as str (os.PathLike accepted, as the readers do); None stays None."""
-    return os.fspath(p) if isinstance(p, os.PathLike) else p
+def run_stats(writer_stats: Mapping[str, Any], tokens_run: int, wall: float, waits: Mapping[str, float]) -> dict[str, Any]:
+    """`PrecomputeResult.stats`: the shard writer's counts and this run's speed and waits."""
+    return {**writer_stats, "tokens_this_run": tokens_run, "tokens_per_s": tokens_run / wall if wall else 0.0,
+            "waited_for_preparation_s": waits["preparation"], "waited_for_writer_s": waits["writer"]}
 
 
 def done_stats(manifest: Mapping[str, Any], shard: int, url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """`PrecomputeResult.stats` of a run that found its shard complete: the shard's counts, nothing done this run
     (the keys of a computing run's stats, so code reading `stats["sequences"]` works on a rerun too)."""
     from cdm.storage import Location
+    from cdm.storage.teacher import skip_summary
 
     entry = next((s for s in manifest.get("shards", []) if int(s.get("index", -1)) == shard), {})
     if entry.get("path"):  # the skipped rows are in the shard's own entry file, not in manifest.json
@@ -379,14 +381,12 @@ def done_stats(manifest: Mapping[str, Any], shard: int, url: str, storage_option
             entry = {**entry, **Location(url, storage_options).read_json("shards", str(entry["path"]) + ".json")}
         except (OSError, ValueError):
             pass
-    skipped = {str(r): int(c) for r, c in (entry.get("skipped_by_reason") or {}).items()}
-    rows: dict[str, list[int]] = {}
-    for index, reason in entry.get("skipped") or []:
-        if len(rows.setdefault(str(reason), [])) < 5:
-            rows[str(reason)].append(int(index))
-    return {"sequences": int(entry.get("sequences", 0)), "tokens": int(entry.get("tokens", 0)),
-            "truncated_this_run": 0, "skipped": skipped, "skipped_rows": {r: sorted(v) for r, v in rows.items()},
-            "tokens_this_run": 0, "tokens_per_s": 0.0, "waited_for_preparation_s": 0.0, "waited_for_writer_s": 0.0}
+    skipped, rows = skip_summary(entry.get("skipped") or [])
+    if "skipped" not in entry:  # the entry file was unreadable: the manifest's counts, without example rows
+        skipped = {str(r): int(c) for r, c in (entry.get("skipped_by_reason") or {}).items()}
+    writer_stats = {"sequences": int(entry.get("sequences", 0)), "tokens": int(entry.get("tokens", 0)),
+                    "truncated_this_run": 0, "skipped": skipped, "skipped_rows": rows}
+    return run_stats(writer_stats, 0, 0.0, {"preparation": 0.0, "writer": 0.0})
 
 
 def check_numbers(*, top_k: int, max_length: int | None, limit: int | None, batch_tokens: int, id_table: int,

@@ -101,6 +101,19 @@ def _as(a: Any, dtype: str, name: str, seq: str) -> np.ndarray:
     return arr
 
 
+def skip_summary(skipped: Iterable[Any], examples: int = 5) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """A shard's skipped (source index, reason) pairs as counts per reason and the first few source rows of each
+    (for reports)."""
+    counts: dict[str, int] = {}
+    rows: dict[str, list[int]] = {}
+    for index, reason in skipped:
+        reason = str(reason)
+        counts[reason] = counts.get(reason, 0) + 1
+        if len(rows.setdefault(reason, [])) < examples:
+            rows[reason].append(int(index))
+    return counts, {r: sorted(v) for r, v in rows.items()}
+
+
 class TeacherStoreWriter:
     """Writes one shard of a teacher store; reopening an unfinished shard resumes after its last commit."""
 
@@ -230,19 +243,9 @@ class TeacherStoreWriter:
     @property
     def stats(self) -> dict[str, Any]:
         st = self._w.state
-        skipped: dict[str, int] = {}
-        examples: dict[str, list[int]] = {}  # the first few skipped source rows of each reason, for the report
-        for index, reason in st.skipped or []:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            if len(examples.setdefault(reason, [])) < 5:
-                examples[reason].append(int(index))
-        return {
-            "sequences": st.n_sequences,
-            "tokens": st.n_tokens,
-            "truncated_this_run": self._truncated,
-            "skipped": skipped,
-            "skipped_rows": {r: sorted(v) for r, v in examples.items()},
-        }
+        skipped, examples = skip_summary(st.skipped or [])
+        return {"sequences": st.n_sequences, "tokens": st.n_tokens, "truncated_this_run": self._truncated,
+                "skipped": skipped, "skipped_rows": examples}
 
     def __enter__(self) -> "TeacherStoreWriter":
         return self

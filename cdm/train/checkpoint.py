@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cdm.mapping.store import MapStore
+from cdm.paths import is_url
 from cdm.train.config import ConfigError, TrainConfig
 from cdm.train.distributed import Dist
 from cdm.train.objective import Objective
@@ -98,7 +99,7 @@ def _same_location(a: str | None, b: str | None) -> bool:
     """Paths compared after normalising (fallback for checkpoints that predate recorded store keys)."""
     if a is None or b is None:
         return a == b
-    norm = (lambda u: u.rstrip("/") if "://" in u else os.path.normpath(os.path.abspath(os.path.expanduser(u))))  # noqa: E731
+    norm = (lambda u: u.rstrip("/") if is_url(u) else os.path.normpath(os.path.abspath(os.path.expanduser(u))))  # noqa: E731
     return norm(a) == norm(b)
 
 
@@ -157,7 +158,7 @@ def check_out(cfg: TrainConfig) -> None:
     """Refuse an --out that is a URL, or an input: a cdm store (its manifest.json names a format), or the folder of
     --student, --student-config, --student-tokenizer, --store, --map or --dual-store. Train writes checkpoints/ and
     model/ there."""
-    if "://" in cfg.out:
+    if is_url(cfg.out):
         raise ConfigError(f"--out {cfg.out}: must be a local or mounted folder (checkpoints and the final model are "
                           "written with torch and transformers); the stores may be URLs, the run folder may not")
     out = os.path.expanduser(cfg.out)
@@ -178,7 +179,7 @@ def check_out(cfg: TrainConfig) -> None:
     for flag, path in (("--student", cfg.student), ("--student-config", cfg.student_config),
                        ("--student-tokenizer", cfg.student_tokenizer), ("--store", cfg.store), ("--map", cfg.map),
                        ("--dual-store", cfg.dual_store)):
-        if not path or "://" in path:
+        if not path or is_url(path):
             continue
         local = os.path.expanduser(path)
         if os.path.isdir(local) and os.path.samefile(local, out):
